@@ -1,0 +1,295 @@
+//! The configuration: `supervisor.toml` read, checked and resolved.
+//!
+//! [`load`] reads a file and returns either a fully resolved [`Config`] (defaults filled in,
+//! relative paths made absolute against the config file's directory, `count = "auto"` and
+//! `WEB_CONCURRENCY` applied) or every error found, each with its key path, line and column.
+//! Nothing outside this module parses TOML. The schema is DESIGN.md §5; keys added by presup
+//! beyond it are marked in the field docs.
+
+mod schema;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use schema::parse_str;
+
+/// A fully resolved configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// The config file this was read from (absolute).
+    pub path: PathBuf,
+    /// The directory children run in and relative paths are resolved against: the config
+    /// file's directory unless `directory` is set (a presup addition).
+    pub directory: PathBuf,
+    pub pidfile: Option<PathBuf>,
+    #[serde(with = "human")]
+    pub graceful_timeout: Duration,
+    /// Optional top-level privilege drop for every child (applied by a later issue).
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Octal umask for children, e.g. `"022"`.
+    pub umask: Option<u32>,
+    pub listen: Vec<Listen>,
+    pub workers: Workers,
+    pub hooks: Hooks,
+    pub singleton: Vec<Singleton>,
+    pub tickets: BTreeMap<String, Ticket>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Listen {
+    pub name: String,
+    pub address: Address,
+    pub backlog: u32,
+}
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Tcp(std::net::SocketAddr),
+    /// An absolute path (resolved against the config directory).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for Address {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workers {
+    /// argv; empty only in library (preload) mode.
+    pub command: Vec<String>,
+    /// Resolved: `"auto"` is the CPU count, `WEB_CONCURRENCY` overrides when set.
+    pub count: usize,
+    pub env: BTreeMap<String, String>,
+    pub ready: Ready,
+    #[serde(with = "human")]
+    pub min_uptime: Duration,
+    #[serde(with = "human")]
+    pub boot_timeout: Duration,
+    #[serde(with = "human_opt")]
+    pub watchdog: Option<Duration>,
+    pub stop_signal: Signal,
+    pub restart_backoff: Backoff,
+    /// presup addition: a slot that fails to boot this many times in a row before the
+    /// initial workers are all up stops the master with exit 3.
+    pub boot_attempts: u32,
+    /// Workers replaced at a time during a reload (issue 4).
+    pub reload_batch: usize,
+}
+
+/// Exponential restart backoff, per slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Backoff {
+    #[serde(with = "human")]
+    pub initial: Duration,
+    #[serde(with = "human")]
+    pub max: Duration,
+    /// presup addition: a child that stayed up this long resets its slot's backoff.
+    #[serde(with = "human")]
+    pub reset: Duration,
+}
+
+/// When a child counts as up.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Ready {
+    /// Up once alive for `min_uptime`.
+    Spawn,
+    /// Up at `READY=1` on the notification socket.
+    Notify,
+    /// Up once the Unix socket accepts a connection (singletons).
+    UnixSocket(PathBuf),
+    /// Up once the TCP address accepts a connection (singletons).
+    Tcp(std::net::SocketAddr),
+}
+
+impl Serialize for Ready {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Ready::Spawn => s.serialize_str("spawn"),
+            Ready::Notify => s.serialize_str("notify"),
+            Ready::UnixSocket(p) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("unix_socket", p)?;
+                m.end()
+            }
+            Ready::Tcp(a) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("tcp", &a.to_string())?;
+                m.end()
+            }
+        }
+    }
+}
+
+/// A signal named in the config (`"TERM"`, `"SIGTERM"`, `"INT"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signal(pub nix::sys::signal::Signal);
+
+impl Serialize for Signal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str().trim_start_matches("SIG"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Hooks {
+    pub on_starting: Vec<Hook>,
+    pub when_ready: Vec<Hook>,
+    pub on_reload: Vec<Hook>,
+    pub worker_exit: Vec<Hook>,
+    pub on_exit: Vec<Hook>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hook {
+    pub command: Vec<String>,
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    pub retries: u32,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Singleton {
+    pub name: String,
+    pub command: Vec<String>,
+    pub ready: Ready,
+    pub restart: Restart,
+    pub env: BTreeMap<String, String>,
+    #[serde(with = "human")]
+    pub min_uptime: Duration,
+    #[serde(with = "human")]
+    pub boot_timeout: Duration,
+    pub stop_signal: Signal,
+    #[serde(with = "human")]
+    pub stop_timeout: Duration,
+    pub restart_backoff: Backoff,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ticket {
+    #[serde(with = "human")]
+    pub interval: Duration,
+    pub buckets: u32,
+    pub daily_limit: Option<u64>,
+    #[serde(with = "human")]
+    pub daily_period: Duration,
+    pub http: Option<std::net::SocketAddr>,
+    /// Optional state file that survives a restart of the master (issue 5).
+    pub path: Option<PathBuf>,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `workers.count` or `listen[1].address`; empty for syntax errors.
+    pub key: String,
+    /// 1-based line and column of the offending value or key, when known.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.key.is_empty(), self.line) {
+            (true, 0) => write!(f, "{}", self.message),
+            (true, _) => write!(f, "line {}, column {}: {}", self.line, self.column, self.message),
+            (false, 0) => write!(f, "{}: {}", self.key, self.message),
+            (false, _) => write!(
+                f,
+                "{}: line {}, column {}: {}",
+                self.key, self.line, self.column, self.message
+            ),
+        }
+    }
+}
+
+/// Everything wrong with a config file (never empty).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "{}: {} error{}",
+            self.path.display(),
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {}: {e}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, parses, validates and resolves the config file at `path`.
+///
+/// `web_concurrency` is the value of `WEB_CONCURRENCY` (passed in so that tests and reloads
+/// decide it explicitly); `cpus` is what `count = "auto"` means.
+pub fn load(path: &Path, web_concurrency: Option<&str>, cpus: usize) -> Result<Config, ConfigErrors> {
+    let fail = |message: String| ConfigErrors {
+        path: path.to_path_buf(),
+        errors: vec![ConfigError { key: String::new(), line: 0, column: 0, message }],
+    };
+    let abs = std::path::absolute(path).map_err(|e| fail(format!("cannot resolve path: {e}")))?;
+    let text = std::fs::read_to_string(&abs).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    parse_str(&text, &abs, &dir, web_concurrency, cpus)
+        .map_err(|errors| ConfigErrors { path: abs.clone(), errors })
+}
+
+/// The CPU count `count = "auto"` resolves to.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Serde helpers printing durations the way they are written (`"250ms"`, `"30s"`).
+mod human {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+mod human_opt {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+}

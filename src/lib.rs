@@ -1,0 +1,31 @@
+//! presup: a prefork process supervisor for Linux.
+//!
+//! One **master** process binds the listening sockets, runs the run-once **hooks**, starts the
+//! **singleton** children, then starts N interchangeable **workers** and keeps them alive. The
+//! words below are used with one meaning each, everywhere in this crate:
+//!
+//! - **master**: the supervising process; single-threaded, one `poll` loop, one reaper.
+//! - **worker**: one of N interchangeable children, living in a **slot** `0..N-1`; a slot keeps
+//!   its number across restarts, and slot 0 is the *primary* (`PRESUP_PRIMARY=1`).
+//! - **generation**: 1 at start, +1 per accepted reload; every worker belongs to one.
+//! - **singleton**: a named child with exactly one instance.
+//! - **hook**: a command run to completion at a lifecycle point.
+//! - **ticket**: a shared-memory rate limiter every child can reach.
+//! - **listener**: a socket bound (or inherited) by the master and passed to every worker.
+//!
+//! Module map: [`config`] reads `supervisor.toml`; [`listener`] binds sockets; [`spawn`] is the
+//! only module that forks or execs; [`signals`] turns signals into counted events;
+//! [`pidfile`] holds the pidfile lock; [`environment`] builds what a child is given;
+//! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`].
+
+#![deny(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod environment;
+pub mod listener;
+pub mod logs;
+pub mod master;
+pub mod pidfile;
+pub mod signals;
+pub mod spawn;

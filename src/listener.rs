@@ -1,0 +1,165 @@
+//! Listening sockets: bound by the master before anything starts, passed to every worker.
+//!
+//! TCP (IPv4 and IPv6) and Unix stream sockets, each with its configured backlog, all
+//! close-on-exec in the master (the spawn places them at fds 3, 4, ... in a worker). A Unix
+//! socket file left by a dead process is replaced only when nothing accepts on it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{
+    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrIn, SockaddrIn6, UnixAddr,
+};
+
+use crate::config::{Address, Listen};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot bind {address}: {source}")]
+    Os { address: Address, source: io::Error },
+    #[error("cannot bind {address}: another process accepts connections on it")]
+    InUse { address: Address },
+    #[error("cannot bind {address}: {path} exists and is not a socket")]
+    NotASocket { address: Address, path: PathBuf },
+}
+
+/// One bound, listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: Address,
+    fd: OwnedFd,
+    /// A Unix socket file this master created, removed when the listener is closed.
+    created: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Binds and listens as `spec` says.
+    pub fn bind(spec: &Listen) -> Result<Listener, BindError> {
+        let os = |source: io::Error| BindError::Os { address: spec.address.clone(), source };
+        let fd = match &spec.address {
+            Address::Tcp(addr) => bind_tcp(*addr).map_err(os)?,
+            Address::Unix(path) => {
+                clear_stale_socket(path, &spec.address)?;
+                bind_unix(path).map_err(os)?
+            }
+        };
+        let backlog = Backlog::new(spec.backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+        listen(&fd, backlog).map_err(|e| os(e.into()))?;
+        let created = match &spec.address {
+            Address::Unix(p) => Some(p.clone()),
+            Address::Tcp(_) => None,
+        };
+        Ok(Listener { name: spec.name.clone(), address: spec.address.clone(), fd, created })
+    }
+
+    /// The address actually bound (differs from the configured one for port 0).
+    pub fn local_addr(&self) -> io::Result<String> {
+        match self.address {
+            Address::Unix(_) => Ok(self.address.to_string()),
+            Address::Tcp(_) => {
+                let std = std::net::TcpListener::from(self.fd.try_clone()?);
+                Ok(std.local_addr()?.to_string())
+            }
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(path) = self.created.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds every listener of the config, in order; the first failure wins (and closes the
+/// ones bound before it).
+pub fn bind_all(specs: &[Listen]) -> Result<Vec<Listener>, BindError> {
+    specs.iter().map(Listener::bind).collect()
+}
+
+fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    match addr {
+        std::net::SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        std::net::SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    }
+    Ok(fd)
+}
+
+fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
+/// Removes a Unix socket file that nothing accepts on any more; refuses to touch a live
+/// socket or a file that is not a socket.
+fn clear_stale_socket(path: &Path, address: &Address) -> Result<(), BindError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(BindError::Os { address: address.clone(), source }),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket { address: address.clone(), path: path.to_path_buf() });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(BindError::InUse { address: address.clone() }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|source| BindError::Os { address: address.clone(), source }),
+        Err(source) => Err(BindError::Os { address: address.clone(), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(address: Address) -> Listen {
+        Listen { name: "t".into(), address, backlog: 16 }
+    }
+
+    #[test]
+    fn tcp_port_in_use_names_the_address() {
+        let first = Listener::bind(&spec(Address::Tcp("127.0.0.1:0".parse().unwrap()))).unwrap();
+        let taken: std::net::SocketAddr = first.local_addr().unwrap().parse().unwrap();
+        let err = Listener::bind(&spec(Address::Tcp(taken))).unwrap_err().to_string();
+        assert!(err.contains(&taken.to_string()) && err.contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn stale_unix_socket_is_replaced_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // A stale file: bound once, then its socket closed without unlinking.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let l = Listener::bind(&spec(Address::Unix(path.clone()))).unwrap();
+        let err = Listener::bind(&spec(Address::Unix(path.clone()))).unwrap_err();
+        assert!(matches!(err, BindError::InUse { .. }), "{err}");
+        drop(l);
+        assert!(!path.exists(), "the master removes the socket file it created");
+        std::fs::write(&path, b"not a socket").unwrap();
+        let err = Listener::bind(&spec(Address::Unix(path.clone()))).unwrap_err();
+        assert!(matches!(err, BindError::NotASocket { .. }), "{err}");
+    }
+}

@@ -1,0 +1,524 @@
+//! The workers' state and the decisions about them, without any I/O.
+//!
+//! The *wanted* state (how many slots, which generation, running or stopping) is kept apart
+//! from the *actual* one (the live workers, keyed by pid, each with its [`Life`]). [`Pool::step`]
+//! compares the two at an instant and returns the [`Action`]s that bring them together; the
+//! master performs them and reports back ([`Pool::spawned`], [`Pool::spawn_failed`],
+//! [`Pool::exited`], [`Pool::notified_ready`]). Everything here is a function of the state,
+//! the event and a made-up `now`, so it is tested exactly, in microseconds.
+//!
+//! Rules kept here:
+//! - a slot restarts after a death at its [`Backoff`]'s instant;
+//! - a reload replaces slots one batch at a time, each old worker stopped only once its new
+//!   worker is up, slot 0 last;
+//! - slot 0 (the primary) never has two live processes: its old process is gone before a new
+//!   one is spawned;
+//! - during the boot, a slot that fails to come up `boot_attempts` times in a row fails the
+//!   boot.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::backoff::Backoff;
+use crate::config;
+
+/// How the workers of the current generation are run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub notify: bool,
+    pub min_uptime: Duration,
+    pub boot_timeout: Duration,
+    pub stop_signal: Signal,
+    pub graceful_timeout: Duration,
+    pub backoff: config::Backoff,
+    pub boot_attempts: u32,
+    pub reload_batch: usize,
+}
+
+impl Policy {
+    pub fn from_config(c: &config::Config) -> Policy {
+        let w = &c.workers;
+        Policy {
+            notify: w.ready == config::Ready::Notify,
+            min_uptime: w.min_uptime,
+            boot_timeout: w.boot_timeout,
+            stop_signal: w.stop_signal.0,
+            graceful_timeout: c.graceful_timeout,
+            backoff: w.restart_backoff,
+            boot_attempts: w.boot_attempts.max(1),
+            reload_batch: w.reload_batch.max(1),
+        }
+    }
+}
+
+/// The grace a fast stop gives before SIGKILL.
+pub const FAST_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the master stops a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopWhy {
+    /// Replaced by a worker of a newer generation.
+    Retired,
+    /// Its slot is above the wanted count (TTOU, or a reload with fewer workers).
+    Surplus,
+    /// It did not send `READY=1` within `boot_timeout`.
+    BootTimeout,
+    /// The master is stopping.
+    Shutdown,
+}
+
+/// A live worker's state; each state carries its own data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    /// Spawned, not up yet: up at `deadline` (spawn mode) or killed then (notify mode).
+    Starting { deadline: Instant },
+    Up { since: Instant },
+    /// Sent its stop signal; SIGKILL to its group at `kill_at` unless `killed` already.
+    Stopping { why: StopWhy, kill_at: Instant, killed: bool, was_up: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub slot: usize,
+    pub generation: u64,
+    pub started: Instant,
+    pub stop_signal: Signal,
+    pub life: Life,
+}
+
+impl Worker {
+    fn live(&self) -> bool {
+        !matches!(self.life, Life::Stopping { .. })
+    }
+    fn up(&self) -> bool {
+        matches!(self.life, Life::Up { .. })
+    }
+}
+
+/// How a child ended, as the reaper saw it (or as the spawn failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(Signal),
+    /// It never ran: fork or exec failed.
+    NotStarted(String),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by {}", s.as_str()),
+            ExitStatus::NotStarted(why) => write!(f, "could not start: {why}"),
+        }
+    }
+}
+
+/// What the master must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Fork and exec a worker of `generation` in `slot`, then call `spawned` or `spawn_failed`.
+    Spawn { slot: usize, generation: u64 },
+    /// Send `signal` to the worker's process group.
+    Signal { pid: Pid, slot: usize, signal: Signal, why: StopWhy },
+    /// Every slot of the initial generation has an up worker: the boot is over.
+    Booted,
+    /// A slot failed to boot `attempts` times in a row during the boot; the master gives up.
+    BootFailed { slot: usize, attempts: u32, last: ExitStatus },
+}
+
+/// Why a worker ended, for the log and the `worker_exit` hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub pid: Pid,
+    pub slot: usize,
+    pub generation: u64,
+    pub status: ExitStatus,
+    pub uptime: Duration,
+    pub cause: Cause,
+    /// When the slot will get a new worker, if it needs one.
+    pub restart_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It died before coming up.
+    BootFailure,
+    /// It died on its own after coming up.
+    Crash,
+    /// The master stopped it; `killed` says whether it took the SIGKILL at the deadline.
+    Stopped { why: StopWhy, killed: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Booting,
+    Running,
+    Stopping { fast: bool },
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    backoff: Backoff,
+    /// No spawn in this slot before this instant.
+    not_before: Option<Instant>,
+    /// Failures to come up since the slot last had an up worker.
+    boot_failures: u32,
+    last_failure: Option<ExitStatus>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    target: usize,
+    generation: u64,
+    policy: Policy,
+    phase: Phase,
+    workers: BTreeMap<Pid, Worker>,
+    slots: Vec<Slot>,
+    /// Actions decided by an event, handed out by the next `step`.
+    pending: Vec<Action>,
+}
+
+impl Pool {
+    pub fn new(target: usize, policy: Policy) -> Pool {
+        Pool {
+            target,
+            generation: 1,
+            policy,
+            phase: Phase::Booting,
+            workers: BTreeMap::new(),
+            slots: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn workers(&self) -> impl Iterator<Item = (Pid, &Worker)> {
+        self.workers.iter().map(|(p, w)| (*p, w))
+    }
+    /// Live workers that are up, of any generation.
+    pub fn up_count(&self) -> usize {
+        self.workers.values().filter(|w| w.up()).count()
+    }
+    /// The master may exit: it is stopping and no worker is left.
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. }) && self.workers.is_empty()
+    }
+
+    /// Changes the wanted number of workers (TTIN/TTOU); never below 1.
+    pub fn set_target(&mut self, n: usize) {
+        self.target = n.max(1);
+    }
+
+    /// Starts a new generation with `policy` and `target` workers (a reload).
+    pub fn reload(&mut self, target: usize, policy: Policy) {
+        self.generation += 1;
+        self.target = target;
+        self.policy = policy;
+    }
+
+    /// Stops every worker: gracefully (stop signal, SIGKILL at `graceful_timeout`) or fast
+    /// (SIGQUIT, SIGKILL after [`FAST_STOP_GRACE`]). A fast stop during a graceful one speeds
+    /// up the workers already stopping.
+    pub fn stop(&mut self, fast: bool, now: Instant) {
+        match self.phase {
+            Phase::Stopping { fast: true } => return,
+            Phase::Stopping { fast: false } if !fast => return,
+            _ => {}
+        }
+        self.phase = Phase::Stopping { fast };
+        if !fast {
+            return;
+        }
+        let kill_at = now + FAST_STOP_GRACE.min(self.policy.graceful_timeout);
+        for (&pid, w) in self.workers.iter_mut() {
+            if let Life::Stopping { kill_at: at, killed: false, why, .. } = &mut w.life {
+                if *at > kill_at {
+                    *at = kill_at;
+                    self.pending.push(Action::Signal { pid, slot: w.slot, signal: Signal::SIGQUIT, why: *why });
+                }
+            }
+        }
+    }
+
+    /// A worker was forked for `slot` of `generation`.
+    pub fn spawned(&mut self, slot: usize, generation: u64, pid: Pid, now: Instant) {
+        let wait = if self.policy.notify { self.policy.boot_timeout } else { self.policy.min_uptime };
+        let worker = Worker {
+            slot,
+            generation,
+            started: now,
+            stop_signal: self.policy.stop_signal,
+            life: Life::Starting { deadline: now + wait },
+        };
+        self.workers.insert(pid, worker);
+    }
+
+    /// Forking or exec'ing a worker for `slot` failed: a boot failure.
+    pub fn spawn_failed(&mut self, slot: usize, why: String, now: Instant) {
+        self.record_failure(slot, ExitStatus::NotStarted(why), now, now, true);
+    }
+
+    /// A worker sent `READY=1`. Returns whether that made it up.
+    pub fn notified_ready(&mut self, pid: Pid, now: Instant) -> bool {
+        let Some(w) = self.workers.get_mut(&pid) else { return false };
+        if !matches!(w.life, Life::Starting { .. }) {
+            return false;
+        }
+        w.life = Life::Up { since: now };
+        let slot = w.slot;
+        self.slot(slot).boot_failures = 0;
+        true
+    }
+
+    /// A child was reaped. `None` if it was not one of the workers.
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+        let w = self.workers.remove(&pid)?;
+        let cause = match w.life {
+            Life::Starting { .. } | Life::Stopping { why: StopWhy::BootTimeout, .. } => Cause::BootFailure,
+            Life::Up { .. } => Cause::Crash,
+            Life::Stopping { why, killed, .. } => Cause::Stopped { why, killed },
+        };
+        if !matches!(cause, Cause::Stopped { .. }) {
+            let boot = cause == Cause::BootFailure;
+            self.record_failure(w.slot, status.clone(), w.started, now, boot);
+        }
+        let restart_in = self.needs_spawn(w.slot).then(|| {
+            let at = self.slots.get(w.slot).and_then(|s| s.not_before).unwrap_or(now);
+            at.saturating_duration_since(now)
+        });
+        Some(Exit {
+            pid,
+            slot: w.slot,
+            generation: w.generation,
+            status,
+            uptime: now.saturating_duration_since(w.started),
+            cause,
+            restart_in,
+        })
+    }
+
+    fn record_failure(&mut self, slot: usize, status: ExitStatus, started: Instant, now: Instant, boot: bool) {
+        let policy = self.policy.backoff;
+        let s = self.slot(slot);
+        s.not_before = Some(s.backoff.record_death(&policy, started, now));
+        if boot {
+            s.boot_failures += 1;
+        }
+        s.last_failure = Some(status);
+    }
+
+    fn slot(&mut self, slot: usize) -> &mut Slot {
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, Slot::default);
+        }
+        &mut self.slots[slot]
+    }
+
+    /// The slot is wanted and has no live worker of the current generation.
+    fn needs_spawn(&self, slot: usize) -> bool {
+        !matches!(self.phase, Phase::Stopping { .. })
+            && slot < self.target
+            && !self.in_slot(slot).any(|w| w.live() && w.generation == self.generation)
+    }
+
+    fn in_slot(&self, slot: usize) -> impl Iterator<Item = &Worker> {
+        self.workers.values().filter(move |w| w.slot == slot)
+    }
+
+    /// The nearest instant at which `step` has something to do, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.life {
+            Life::Starting { deadline } => Some(deadline),
+            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            _ => None,
+        });
+        let slots = (0..self.target)
+            .filter(|&s| self.needs_spawn(s))
+            .filter_map(|s| self.slots.get(s).and_then(|x| x.not_before));
+        workers.chain(slots).min()
+    }
+
+    /// Decides what to do at `now`.
+    pub fn step(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = std::mem::take(&mut self.pending);
+        self.expire(now, &mut actions);
+        if let Some(failed) = self.boot_failure() {
+            actions.push(failed);
+            self.phase = Phase::Stopping { fast: false };
+        }
+        match self.phase {
+            Phase::Stopping { fast } => self.stop_all(fast, now, &mut actions),
+            Phase::Booting | Phase::Running => {
+                self.stop_surplus(now, &mut actions);
+                self.retire_replaced(now, &mut actions);
+                self.spawn_missing(now, &mut actions);
+                self.check_booted(&mut actions);
+            }
+        }
+        actions
+    }
+
+    /// Starting workers whose deadline passed, and stopping ones due for SIGKILL.
+    fn expire(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let notify = self.policy.notify;
+        let mut came_up = Vec::new();
+        for (&pid, w) in self.workers.iter_mut() {
+            match w.life {
+                Life::Starting { deadline } if deadline <= now && !notify => {
+                    w.life = Life::Up { since: deadline };
+                    came_up.push(w.slot);
+                }
+                Life::Starting { deadline } if deadline <= now => {
+                    w.life = Life::Stopping { why: StopWhy::BootTimeout, kill_at: now, killed: true, was_up: false };
+                    actions.push(Action::Signal { pid, slot: w.slot, signal: Signal::SIGKILL, why: StopWhy::BootTimeout });
+                }
+                Life::Stopping { kill_at, killed: false, why, was_up } if kill_at <= now => {
+                    w.life = Life::Stopping { why, kill_at, killed: true, was_up };
+                    actions.push(Action::Signal { pid, slot: w.slot, signal: Signal::SIGKILL, why });
+                }
+                _ => {}
+            }
+        }
+        for slot in came_up {
+            self.slot(slot).boot_failures = 0;
+        }
+    }
+
+    fn begin_stop(&mut self, pid: Pid, why: StopWhy, signal: Option<Signal>, grace: Duration, now: Instant) -> Option<Action> {
+        let w = self.workers.get_mut(&pid)?;
+        if !w.live() {
+            return None;
+        }
+        let was_up = w.up();
+        w.life = Life::Stopping { why, kill_at: now + grace, killed: false, was_up };
+        let signal = signal.unwrap_or(w.stop_signal);
+        Some(Action::Signal { pid, slot: w.slot, signal, why })
+    }
+
+    fn stop_all(&mut self, fast: bool, now: Instant, actions: &mut Vec<Action>) {
+        let (signal, grace) = if fast {
+            (Some(Signal::SIGQUIT), FAST_STOP_GRACE.min(self.policy.graceful_timeout))
+        } else {
+            (None, self.policy.graceful_timeout)
+        };
+        let live: Vec<Pid> = self.workers.iter().filter(|(_, w)| w.live()).map(|(p, _)| *p).collect();
+        for pid in live {
+            actions.extend(self.begin_stop(pid, StopWhy::Shutdown, signal, grace, now));
+        }
+    }
+
+    /// Live workers in slots at or above the target, highest slot first.
+    fn stop_surplus(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let grace = self.policy.graceful_timeout;
+        let mut surplus: Vec<(usize, Pid)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.live() && w.slot >= self.target)
+            .map(|(p, w)| (w.slot, *p))
+            .collect();
+        surplus.sort_by(|a, b| b.cmp(a));
+        for (_, pid) in surplus {
+            actions.extend(self.begin_stop(pid, StopWhy::Surplus, None, grace, now));
+        }
+    }
+
+    /// Old-generation workers whose slot has an up worker of the current generation.
+    fn retire_replaced(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let grace = self.policy.graceful_timeout;
+        let old: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.live() && w.generation != self.generation)
+            .filter(|(_, w)| self.in_slot(w.slot).any(|n| n.generation == self.generation && n.up()))
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in old {
+            actions.extend(self.begin_stop(pid, StopWhy::Retired, None, grace, now));
+        }
+    }
+
+    /// Spawns what the wanted state lacks: slots 1.. first, then slot 0 once the others have
+    /// proved the generation; at most `reload_batch` slots replaced at once.
+    fn spawn_missing(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let mut replacing = (1..self.target).filter(|&s| self.is_replacing(s)).count();
+        for slot in (1..self.target).chain([0]) {
+            if !self.needs_spawn(slot) || self.slots.get(slot).and_then(|s| s.not_before).is_some_and(|t| t > now) {
+                continue;
+            }
+            let has_old = self.in_slot(slot).any(|w| w.generation != self.generation);
+            if slot == 0 {
+                if !self.primary_may_spawn(now, actions) {
+                    continue;
+                }
+            } else if has_old && self.in_slot(slot).any(|w| w.live()) {
+                if replacing >= self.policy.reload_batch {
+                    continue;
+                }
+                replacing += 1;
+            }
+            actions.push(Action::Spawn { slot, generation: self.generation });
+        }
+    }
+
+    /// A slot whose old worker still serves while its new one is starting.
+    fn is_replacing(&self, slot: usize) -> bool {
+        let mut ws = self.in_slot(slot);
+        let new_starting = self.in_slot(slot).any(|w| w.generation == self.generation && matches!(w.life, Life::Starting { .. }));
+        new_starting && ws.any(|w| w.live() && w.generation != self.generation)
+    }
+
+    /// Slot 0 may get a new worker only when no process is left in it; an old live one is
+    /// stopped first, once every other slot runs the current generation.
+    fn primary_may_spawn(&mut self, now: Instant, actions: &mut Vec<Action>) -> bool {
+        let old: Vec<Pid> = self.workers.iter().filter(|(_, w)| w.slot == 0).map(|(p, _)| *p).collect();
+        if old.is_empty() {
+            return true;
+        }
+        let others_done = (1..self.target).all(|s| {
+            self.in_slot(s).all(|w| !w.live() || w.generation == self.generation)
+                && self.in_slot(s).any(|w| w.generation == self.generation && w.up())
+        });
+        if others_done {
+            let grace = self.policy.graceful_timeout;
+            for pid in old {
+                actions.extend(self.begin_stop(pid, StopWhy::Retired, None, grace, now));
+            }
+        }
+        false
+    }
+
+    /// During the boot, a slot that failed to come up `boot_attempts` times in a row.
+    fn boot_failure(&self) -> Option<Action> {
+        if self.phase != Phase::Booting {
+            return None;
+        }
+        let attempts = self.policy.boot_attempts;
+        let (slot, s) = self.slots.iter().enumerate().take(self.target).find(|(_, s)| s.boot_failures >= attempts)?;
+        let last = s.last_failure.clone().unwrap_or(ExitStatus::Code(0));
+        Some(Action::BootFailed { slot, attempts: s.boot_failures, last })
+    }
+
+    /// The boot is over once every slot has an up worker.
+    fn check_booted(&mut self, actions: &mut Vec<Action>) {
+        let all_up = (0..self.target).all(|s| self.in_slot(s).any(|w| w.generation == self.generation && w.up()));
+        if self.phase == Phase::Booting && all_up {
+            self.phase = Phase::Running;
+            actions.push(Action::Booted);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,291 @@
+//! The pool's decisions, stepped with made-up instants.
+
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn policy() -> Policy {
+    Policy {
+        notify: false,
+        min_uptime: ms(1000),
+        boot_timeout: ms(30_000),
+        stop_signal: Signal::SIGTERM,
+        graceful_timeout: ms(30_000),
+        backoff: config::Backoff { initial: ms(100), max: ms(30_000), reset: ms(10_000) },
+        boot_attempts: 5,
+        reload_batch: 1,
+    }
+}
+
+/// A pool and a pid counter, with helpers that play the master's part.
+struct Sim {
+    pool: Pool,
+    next_pid: i32,
+    t0: Instant,
+}
+
+impl Sim {
+    fn new(n: usize, policy: Policy) -> Sim {
+        Sim { pool: Pool::new(n, policy), next_pid: 100, t0: Instant::now() }
+    }
+
+    fn at(&self, ms_: u64) -> Instant {
+        self.t0 + ms(ms_)
+    }
+
+    /// Steps at `t` and performs every spawn; returns the actions and the new pids by slot.
+    fn step(&mut self, t: u64) -> (Vec<Action>, Vec<(usize, Pid)>) {
+        let now = self.at(t);
+        let actions = self.pool.step(now);
+        let mut spawned = Vec::new();
+        for a in &actions {
+            if let Action::Spawn { slot, generation } = *a {
+                let pid = Pid::from_raw(self.next_pid);
+                self.next_pid += 1;
+                self.pool.spawned(slot, generation, pid, now);
+                spawned.push((slot, pid));
+            }
+        }
+        (actions, spawned)
+    }
+
+    fn pid_in(&self, slot: usize, generation: u64) -> Pid {
+        self.pool
+            .workers()
+            .find(|(_, w)| w.slot == slot && w.generation == generation && w.live())
+            .map(|(p, _)| p)
+            .unwrap_or_else(|| panic!("no live worker of generation {generation} in slot {slot}"))
+    }
+
+    fn live_in_slot(&self, slot: usize) -> usize {
+        self.pool.workers().filter(|(_, w)| w.slot == slot).count()
+    }
+
+    /// Boots `n` workers: spawned at 0, up at min_uptime.
+    fn booted(n: usize) -> Sim {
+        let mut sim = Sim::new(n, policy());
+        sim.step(0);
+        let (actions, _) = sim.step(1000);
+        assert_eq!(actions, vec![Action::Booted]);
+        sim
+    }
+}
+
+fn signals(actions: &[Action]) -> Vec<(Pid, Signal, StopWhy)> {
+    actions
+        .iter()
+        .filter_map(|a| match *a {
+            Action::Signal { pid, signal, why, .. } => Some((pid, signal, why)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn boot_spawns_every_slot_primary_last_and_is_over_at_min_uptime() {
+    let mut sim = Sim::new(4, policy());
+    let (_, spawned) = sim.step(0);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 0]);
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(1000)));
+    assert_eq!(sim.step(999).0, vec![]);
+    assert_eq!(sim.step(1000).0, vec![Action::Booted]);
+    assert_eq!(sim.pool.phase(), Phase::Running);
+    assert_eq!(sim.pool.up_count(), 4);
+    // Idle: nothing to wake up for.
+    assert_eq!(sim.pool.next_deadline(), None);
+}
+
+#[test]
+fn killed_worker_comes_back_in_its_slot_with_growing_then_reset_backoff() {
+    let mut sim = Sim::booted(2);
+    let victim = sim.pid_in(1, 1);
+    let exit = sim.pool.exited(victim, ExitStatus::Signal(Signal::SIGKILL), sim.at(5000)).unwrap();
+    assert_eq!((exit.slot, exit.cause, exit.restart_in), (1, Cause::Crash, Some(ms(0))));
+    let (_, spawned) = sim.step(5000);
+    assert_eq!(spawned.len(), 1);
+    assert_eq!(spawned[0].0, 1);
+    // It dies again soon after coming up: 100 ms, then 200 ms.
+    sim.step(6000);
+    let exit = sim.pool.exited(spawned[0].1, ExitStatus::Code(1), sim.at(6500)).unwrap();
+    assert_eq!(exit.restart_in, Some(ms(100)));
+    assert_eq!(sim.step(6599).1, vec![]);
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(6600)));
+    let (_, again) = sim.step(6600);
+    sim.step(7600);
+    let exit = sim.pool.exited(again[0].1, ExitStatus::Code(1), sim.at(8000)).unwrap();
+    assert_eq!(exit.restart_in, Some(ms(200)));
+    // A healthy run (10 s) resets it: the next death restarts at once.
+    let (_, third) = sim.step(8200);
+    sim.step(9200);
+    let exit = sim.pool.exited(third[0].1, ExitStatus::Code(1), sim.at(18_200)).unwrap();
+    assert_eq!(exit.restart_in, Some(ms(0)));
+}
+
+#[test]
+fn crash_loop_at_boot_fails_after_bounded_attempts() {
+    let mut sim = Sim::new(2, policy());
+    let mut spawns = 0;
+    let mut t = 0;
+    let failed = loop {
+        let (actions, spawned) = sim.step(t);
+        spawns += spawned.len();
+        if let Some(f) = actions.iter().find(|a| matches!(a, Action::BootFailed { .. })) {
+            break f.clone();
+        }
+        for (_, pid) in spawned {
+            sim.pool.exited(pid, ExitStatus::Code(3), sim.at(t + 10));
+        }
+        t = sim.pool.next_deadline().map(|d| (d - sim.t0).as_millis() as u64).unwrap_or(t + 10).max(t + 10);
+        assert!(t < 60_000, "no fork storm, no endless loop");
+    };
+    assert_eq!(failed, Action::BootFailed { slot: 0, attempts: 5, last: ExitStatus::Code(3) });
+    assert!(spawns <= 10, "at most boot_attempts per slot, got {spawns}");
+    assert_eq!(sim.pool.phase(), Phase::Stopping { fast: false });
+    assert!(sim.pool.is_done());
+}
+
+#[test]
+fn crash_loop_after_boot_keeps_retrying_at_backoff() {
+    let mut sim = Sim::booted(2);
+    let mut t = 2000;
+    let mut pid = sim.pid_in(1, 1);
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        let exit = sim.pool.exited(pid, ExitStatus::Code(1), sim.at(t)).unwrap();
+        delays.push(exit.restart_in.unwrap().as_millis() as u64);
+        t += exit.restart_in.unwrap().as_millis() as u64;
+        let (actions, spawned) = sim.step(t);
+        assert!(!actions.iter().any(|a| matches!(a, Action::BootFailed { .. })));
+        pid = spawned[0].1;
+        t += 10;
+    }
+    assert_eq!(delays, [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
+    assert_eq!(sim.pool.phase(), Phase::Running);
+}
+
+#[test]
+fn graceful_stop_signals_then_kills_at_the_timeout() {
+    let mut sim = Sim::booted(2);
+    sim.pool.stop(false, sim.at(2000));
+    let (actions, spawned) = sim.step(2000);
+    assert!(spawned.is_empty());
+    let sent = signals(&actions);
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|s| s.1 == Signal::SIGTERM && s.2 == StopWhy::Shutdown));
+    // One obeys; the other ignores TERM and is killed at 2 s + 30 s.
+    let exit = sim.pool.exited(sent[0].0, ExitStatus::Code(0), sim.at(2100)).unwrap();
+    assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Shutdown, killed: false });
+    assert_eq!(exit.restart_in, None);
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(32_000)));
+    assert_eq!(signals(&sim.step(32_000).0), vec![(sent[1].0, Signal::SIGKILL, StopWhy::Shutdown)]);
+    assert!(!sim.pool.is_done());
+    let exit = sim.pool.exited(sent[1].0, ExitStatus::Signal(Signal::SIGKILL), sim.at(32_001)).unwrap();
+    assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Shutdown, killed: true });
+    assert!(sim.pool.is_done());
+}
+
+#[test]
+fn fast_stop_during_graceful_stop_quits_and_shortens_the_grace() {
+    let mut sim = Sim::booted(1);
+    sim.pool.stop(false, sim.at(2000));
+    let pid = signals(&sim.step(2000).0)[0].0;
+    sim.pool.stop(true, sim.at(3000));
+    assert_eq!(signals(&sim.step(3000).0), vec![(pid, Signal::SIGQUIT, StopWhy::Shutdown)]);
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(4000)));
+    // A third signal changes nothing.
+    sim.pool.stop(true, sim.at(3500));
+    assert_eq!(sim.step(3500).0, vec![]);
+}
+
+#[test]
+fn ttin_adds_a_slot_ttou_stops_the_highest() {
+    let mut sim = Sim::booted(2);
+    sim.pool.set_target(3);
+    let (_, spawned) = sim.step(2000);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [2]);
+    sim.pool.set_target(1);
+    let sent = signals(&sim.step(2100).0);
+    let slots: Vec<usize> = sent
+        .iter()
+        .map(|s| sim.pool.workers().find(|(p, _)| *p == s.0).unwrap().1.slot)
+        .collect();
+    assert_eq!(slots, [2, 1]);
+    assert!(sent.iter().all(|s| s.2 == StopWhy::Surplus));
+    sim.pool.set_target(0);
+    assert_eq!(sim.pool.target(), 1, "never below one worker");
+}
+
+#[test]
+fn reload_replaces_one_slot_at_a_time_new_up_before_old_stopped_primary_last() {
+    let mut sim = Sim::booted(3);
+    let old: Vec<Pid> = (0..3).map(|s| sim.pid_in(s, 1)).collect();
+    sim.pool.reload(3, policy());
+    // Slot 1 first: a new worker starts beside the old one.
+    let (actions, spawned) = sim.step(2000);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1]);
+    assert!(signals(&actions).is_empty());
+    // Once it is up, the old one in slot 1 is stopped and slot 2 starts.
+    let (actions, spawned) = sim.step(3000);
+    assert_eq!(signals(&actions), vec![(old[1], Signal::SIGTERM, StopWhy::Retired)]);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [2]);
+    // Slot 2 up: its old worker stops; only now is the old primary stopped, and no new
+    // primary is spawned while the old one lives.
+    let (actions, spawned) = sim.step(4000);
+    assert_eq!(
+        signals(&actions),
+        vec![(old[2], Signal::SIGTERM, StopWhy::Retired), (old[0], Signal::SIGTERM, StopWhy::Retired)]
+    );
+    assert!(spawned.is_empty());
+    assert_eq!(sim.live_in_slot(0), 1);
+    let (_, spawned) = sim.step(4500);
+    assert!(spawned.is_empty(), "old primary not gone yet");
+    sim.pool.exited(old[0], ExitStatus::Code(0), sim.at(4600));
+    let (_, spawned) = sim.step(4600);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
+    sim.step(5600);
+    assert!((0..3).all(|s| sim.pid_in(s, 2).as_raw() > 0));
+}
+
+#[test]
+fn reload_batch_replaces_several_slots_at_once() {
+    let mut sim = Sim::booted(4);
+    sim.pool.reload(4, Policy { reload_batch: 2, ..policy() });
+    let (_, spawned) = sim.step(2000);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[test]
+fn primary_is_never_two_processes_when_slot_0_is_killed() {
+    let mut sim = Sim::booted(2);
+    let p0 = sim.pid_in(0, 1);
+    sim.pool.exited(p0, ExitStatus::Signal(Signal::SIGKILL), sim.at(3000));
+    let (_, spawned) = sim.step(3000);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
+    assert_eq!(sim.live_in_slot(0), 1);
+}
+
+#[test]
+fn notify_mode_is_up_at_ready_and_killed_at_boot_timeout() {
+    let mut sim = Sim::new(2, Policy { notify: true, ..policy() });
+    let (_, spawned) = sim.step(0);
+    assert_eq!(sim.step(1000).0, vec![], "min_uptime does not count in notify mode");
+    assert!(sim.pool.notified_ready(spawned[0].1, sim.at(1500)));
+    assert!(!sim.pool.notified_ready(Pid::from_raw(4242), sim.at(1500)));
+    assert_eq!(sim.step(1500).0, vec![]);
+    let sent = signals(&sim.step(30_000).0);
+    assert_eq!(sent, vec![(spawned[1].1, Signal::SIGKILL, StopWhy::BootTimeout)]);
+    let exit = sim.pool.exited(spawned[1].1, ExitStatus::Signal(Signal::SIGKILL), sim.at(30_001)).unwrap();
+    assert_eq!(exit.cause, Cause::BootFailure);
+    let retry = sim.step(30_001).1[0].1;
+    assert!(sim.pool.notified_ready(retry, sim.at(30_100)));
+    assert_eq!(sim.step(30_100).0, vec![Action::Booted]);
+}
+
+#[test]
+fn unknown_pids_are_not_workers() {
+    let mut sim = Sim::booted(1);
+    assert_eq!(sim.pool.exited(Pid::from_raw(1), ExitStatus::Code(0), sim.at(5000)), None);
+    assert_eq!(sim.step(5000).0, vec![]);
+}

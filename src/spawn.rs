@@ -1,0 +1,396 @@
+//! The only place that forks or execs.
+//!
+//! [`Command::prepare`] does everything that allocates or can fail in a describable way
+//! (resolving the program through `PATH`, building C strings and pointer arrays) *before*
+//! `fork`. Between `fork` and `execve` the child makes only async-signal-safe system calls:
+//! no allocation, no logging, no locks. If a step fails there, the child writes which step and
+//! its errno to a close-on-exec pipe and `_exit`s with 127; the master reads that pipe once
+//! (it closes at a successful `execve`) and turns it into a [`SpawnError`].
+//!
+//! What every child gets, in order: its own process group; default signal dispositions and an
+//! empty signal mask; the umask; `PR_SET_PDEATHSIG(SIGKILL)` followed by a `getppid()`
+//! re-check (so a master that died during the fork cannot leave an orphan); its directory; the
+//! listeners at fds 3, 4, ...; every other fd above them marked close-on-exec; and, when asked,
+//! `LISTEN_PID` set to its own pid.
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::Pid;
+
+/// Why a child could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("empty command")]
+    Empty,
+    #[error("{program}: command not found in PATH")]
+    NotFound { program: String },
+    #[error("{program}: a string holds a NUL byte")]
+    Nul { program: String },
+    #[error("cannot fork: {0}")]
+    Fork(#[source] io::Error),
+    #[error("cannot execute {program}: {source}")]
+    Exec { program: PathBuf, source: io::Error },
+    #[error("cannot enter directory {dir}: {source}")]
+    Chdir { dir: PathBuf, source: io::Error },
+    #[error("cannot set up the child ({step}): {source}")]
+    Setup { step: &'static str, source: io::Error },
+}
+
+/// A command ready to be forked and exec'd any number of times.
+pub struct Command {
+    program: CString,
+    program_path: PathBuf,
+    dir: CString,
+    dir_path: PathBuf,
+    argv: Vec<CString>,
+    env: Vec<Vec<u8>>,
+    /// Index in `env` of the `LISTEN_PID=` entry to fill in the child, if any.
+    listen_pid: Option<usize>,
+    umask: Option<u32>,
+}
+
+/// Width reserved for the digits of `LISTEN_PID` (a pid fits in 10).
+const PID_DIGITS: usize = 20;
+
+impl Command {
+    /// Resolves `argv[0]` (relative to `dir` when it holds a `/`, else through the `PATH` of
+    /// `env`) and builds everything the child needs. `env` is the complete environment; when
+    /// `listen_pid` is set a `LISTEN_PID` entry holding the child's own pid is added.
+    pub fn prepare(
+        argv: &[String],
+        env: &[(String, String)],
+        dir: &Path,
+        listen_pid: bool,
+        umask: Option<u32>,
+    ) -> Result<Command, SpawnError> {
+        let first = argv.first().filter(|p| !p.is_empty()).ok_or(SpawnError::Empty)?;
+        let nul = || SpawnError::Nul { program: first.clone() };
+        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+        let program_path = resolve(first, dir, path_var)?;
+        let cstr = |b: &[u8]| CString::new(b).map_err(|_| nul());
+        let mut envs: Vec<Vec<u8>> = Vec::with_capacity(env.len() + 1);
+        for (k, v) in env {
+            let entry = format!("{k}={v}").into_bytes();
+            if entry.contains(&0) {
+                return Err(nul());
+            }
+            envs.push(entry);
+        }
+        let listen_pid = listen_pid.then(|| {
+            let mut entry = b"LISTEN_PID=".to_vec();
+            entry.resize(entry.len() + PID_DIGITS, b'0');
+            envs.push(entry);
+            envs.len() - 1
+        });
+        for e in &mut envs {
+            e.push(0);
+        }
+        Ok(Command {
+            program: cstr(program_path.as_os_str().as_bytes())?,
+            program_path,
+            dir: cstr(dir.as_os_str().as_bytes())?,
+            dir_path: dir.to_path_buf(),
+            argv: argv.iter().map(|a| cstr(a.as_bytes())).collect::<Result<_, _>>()?,
+            env: envs,
+            listen_pid,
+            umask,
+        })
+    }
+
+    /// The resolved program.
+    pub fn program(&self) -> &Path {
+        &self.program_path
+    }
+
+    /// Forks and execs, placing `fds` at 3, 4, ... in the child. Returns once the child has
+    /// exec'd (or failed to).
+    pub fn spawn(&self, fds: &[RawFd]) -> Result<Pid, SpawnError> {
+        let mut env = self.env.clone();
+        let listen_pid_ptr: *mut u8 = match self.listen_pid {
+            Some(i) => env[i][b"LISTEN_PID=".len()..].as_mut_ptr(),
+            None => std::ptr::null_mut(),
+        };
+        let envp = null_terminated(env.iter().map(|e| e.as_ptr().cast()));
+        let argv = null_terminated(self.argv.iter().map(|a| a.as_ptr()));
+        let mut scratch: Vec<RawFd> = vec![-1; fds.len()];
+        let (err_read, err_write) = cloexec_pipe().map_err(SpawnError::Fork)?;
+        let child = ChildPlan {
+            program: self.program.as_ptr(),
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            dir: self.dir.as_ptr(),
+            fds,
+            scratch: scratch.as_mut_ptr(),
+            listen_pid: listen_pid_ptr,
+            umask: self.umask,
+            parent: nix::unistd::getpid().as_raw(),
+            report: err_write.as_raw_fd(),
+        };
+        let pid = fork_blocked(&child).map_err(SpawnError::Fork)?;
+        drop(err_write);
+        match read_report(err_read) {
+            None => Ok(pid),
+            Some((step, errno)) => Err(self.error_for(step, io::Error::from_raw_os_error(errno))),
+        }
+    }
+
+    fn error_for(&self, step: Step, source: io::Error) -> SpawnError {
+        match step {
+            Step::Exec => SpawnError::Exec { program: self.program_path.clone(), source },
+            Step::Chdir => SpawnError::Chdir { dir: self.dir_path.clone(), source },
+            Step::Fds => SpawnError::Setup { step: "placing the listeners", source },
+            Step::Group => SpawnError::Setup { step: "setpgid", source },
+            Step::Orphan => SpawnError::Setup { step: "the master died during the spawn", source },
+        }
+    }
+}
+
+/// The steps of the child that can fail, as written to the report pipe.
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+enum Step {
+    Group = 1,
+    Orphan = 2,
+    Chdir = 3,
+    Fds = 4,
+    Exec = 5,
+}
+
+/// Everything the child touches, as raw pointers into memory prepared before the fork.
+struct ChildPlan<'a> {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    dir: *const libc::c_char,
+    fds: &'a [RawFd],
+    scratch: *mut RawFd,
+    listen_pid: *mut u8,
+    umask: Option<u32>,
+    parent: libc::pid_t,
+    report: RawFd,
+}
+
+/// Forks with every signal blocked (so no handler of the master runs in the child before its
+/// dispositions are reset) and runs the child side; returns the child's pid in the master.
+fn fork_blocked(plan: &ChildPlan<'_>) -> io::Result<Pid> {
+    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write the given sets.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, valid pointers to owned sets.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the master is single-threaded (checked at startup), so the child is a faithful
+    // copy; the child runs only `child_main`, which makes async-signal-safe calls and never
+    // returns.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: in the child, on memory prepared before the fork.
+        unsafe { child_main(plan) }
+    }
+    let err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(Pid::from_raw(pid))
+}
+
+/// The child between fork and exec. Only async-signal-safe calls; never returns.
+///
+/// # Safety
+/// Must run in a freshly forked child of a single-threaded process, with `plan` pointing to
+/// memory prepared before the fork.
+unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
+    let fail = |step: Step| -> ! {
+        let errno = *libc::__errno_location();
+        let mut msg = [0u8; 5];
+        msg[0] = step as u8;
+        msg[1..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(plan.report, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    };
+    if libc::setpgid(0, 0) != 0 {
+        fail(Step::Group);
+    }
+    for signo in 1..libc::SIGRTMAX() {
+        if signo != libc::SIGKILL && signo != libc::SIGSTOP {
+            libc::signal(signo, libc::SIG_DFL);
+        }
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    if let Some(mask) = plan.umask {
+        libc::umask(mask as libc::mode_t);
+    }
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+    if libc::getppid() != plan.parent {
+        fail(Step::Orphan);
+    }
+    if libc::chdir(plan.dir) != 0 {
+        fail(Step::Chdir);
+    }
+    if place_fds(plan.fds, plan.scratch).is_err() {
+        fail(Step::Fds);
+    }
+    if !plan.listen_pid.is_null() {
+        write_pid(plan.listen_pid, libc::getpid());
+    }
+    libc::execve(plan.program, plan.argv, plan.envp);
+    fail(Step::Exec)
+}
+
+/// Moves `fds` to 3, 4, ... (clearing close-on-exec there) and marks every fd above them
+/// close-on-exec. Copies go above the target range first so that no source is overwritten.
+///
+/// # Safety
+/// `scratch` must point to `fds.len()` writable ints; call only in the forked child.
+unsafe fn place_fds(fds: &[RawFd], scratch: *mut RawFd) -> Result<(), ()> {
+    let first_free = 3 + fds.len() as libc::c_int;
+    for (i, &fd) in fds.iter().enumerate() {
+        let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+        if copy < 0 {
+            return Err(());
+        }
+        *scratch.add(i) = copy;
+    }
+    for i in 0..fds.len() {
+        if libc::dup2(*scratch.add(i), 3 + i as libc::c_int) < 0 {
+            return Err(());
+        }
+    }
+    // Belt and braces: fds the master inherited without close-on-exec do not leak either.
+    // Older kernels lack close_range; close-on-exec already covers what the master opened.
+    libc::syscall(
+        libc::SYS_close_range,
+        first_free as libc::c_uint,
+        libc::c_uint::MAX,
+        libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+    );
+    Ok(())
+}
+
+/// Writes `pid` in decimal followed by NUL at `at` (room for [`PID_DIGITS`] bytes).
+///
+/// # Safety
+/// `at` must point to at least `PID_DIGITS` writable bytes.
+unsafe fn write_pid(at: *mut u8, pid: libc::pid_t) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = pid as u64;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        *at.add(i) = digits[len - 1 - i];
+    }
+    *at.add(len) = 0;
+}
+
+fn null_terminated<T>(items: impl Iterator<Item = *const T>) -> Vec<*const T> {
+    let mut v: Vec<*const T> = items.collect();
+    v.push(std::ptr::null());
+    v
+}
+
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads the child's report: `None` when the pipe closed empty (exec succeeded).
+fn read_report(read: OwnedFd) -> Option<(Step, i32)> {
+    let mut file = std::fs::File::from(read);
+    let mut msg = [0u8; 5];
+    let mut got = 0;
+    while got < msg.len() {
+        match io::Read::read(&mut file, &mut msg[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    if got < msg.len() {
+        return None;
+    }
+    let step = match msg[0] {
+        1 => Step::Group,
+        2 => Step::Orphan,
+        3 => Step::Chdir,
+        4 => Step::Fds,
+        _ => Step::Exec,
+    };
+    Some((step, i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])))
+}
+
+/// Finds the file `execve` will run, the way a shell would.
+fn resolve(program: &str, dir: &Path, path_var: Option<&str>) -> Result<PathBuf, SpawnError> {
+    if program.contains('/') {
+        return Ok(dir.join(program));
+    }
+    let path_var = path_var.map(str::to_owned).or_else(|| std::env::var("PATH").ok());
+    let path_var = path_var.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned());
+    let mut not_executable = None;
+    for entry in path_var.split(':').filter(|d| !d.is_empty()) {
+        let candidate = dir.join(entry).join(OsStr::new(program));
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
+            Ok(m) if m.is_file() => not_executable = not_executable.or(Some(candidate)),
+            _ => {}
+        }
+    }
+    // A file found but not executable: let execve report EACCES with its path.
+    not_executable.ok_or_else(|| SpawnError::NotFound { program: program.to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_through_path_and_relative_to_dir() {
+        let p = resolve("sh", Path::new("/"), Some("/nonexistent:/bin:/usr/bin")).unwrap();
+        assert!(p.ends_with("sh"), "{p:?}");
+        assert_eq!(
+            resolve("./app.py", Path::new("/srv/app"), None).unwrap(),
+            PathBuf::from("/srv/app/./app.py")
+        );
+        assert!(matches!(
+            resolve("no-such-program-presup", Path::new("/"), Some("/bin")),
+            Err(SpawnError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn pid_digits_are_written_with_nul() {
+        let mut buf = [b'x'; PID_DIGITS];
+        // SAFETY: buf has PID_DIGITS bytes.
+        unsafe { write_pid(buf.as_mut_ptr(), 4_194_304) };
+        assert_eq!(&buf[..8], b"4194304\0");
+        // SAFETY: as above.
+        unsafe { write_pid(buf.as_mut_ptr(), 7) };
+        assert_eq!(&buf[..2], b"7\0");
+    }
+}
