@@ -15,7 +15,7 @@
 //!
 //! Module map: [`config`] reads `supervisor.toml`; [`listener`] binds sockets; [`spawn`] is the
 //! only module that forks or execs; [`signals`] turns signals into counted events;
-//! [`pidfile`] holds the pidfile lock; [`environment`] builds what a child is given;
+//! [`pidfile`] holds the pidfile lock; [`notify`] is the children's `NOTIFY_SOCKET`; [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`].
 
 #![deny(unsafe_code)]
@@ -26,6 +26,7 @@ pub mod environment;
 pub mod listener;
 pub mod logs;
 pub mod master;
+pub mod notify;
 pub mod pidfile;
 pub mod signals;
 pub mod spawn;

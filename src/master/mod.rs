@@ -7,6 +7,7 @@
 
 pub mod pool;
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use crate::config::{self, Config};
 use crate::environment::{Environment, WorkerVars};
 use crate::listener::{self, BindError, Listener};
 use crate::logs::Sink;
+use crate::notify::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PidfileError};
 use crate::signals::{Event, Signals};
 use crate::spawn::{Command, SpawnError};
@@ -67,9 +69,14 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
     for l in &listeners {
         info!(name = %l.name, address = %l.local_addr().unwrap_or_else(|_| l.address.to_string()), "listening");
     }
+    let notify = NotifySocket::create().map_err(|e| MasterError::Setup(format!("notification socket: {e}")))?;
+    let mut base_env = Environment::inherited(std::env::vars());
+    base_env.set("NOTIFY_SOCKET", notify.path().display());
     let pool = Pool::new(config.workers.count, Policy::from_config(&config));
     let mut master = Master {
-        base_env: Environment::inherited(std::env::vars()),
+        base_env,
+        notify,
+        statuses: BTreeMap::new(),
         master_pid: std::process::id(),
         config,
         options,
@@ -93,6 +100,9 @@ struct Master {
     listeners: Vec<Listener>,
     pool: Pool,
     signals: Signals,
+    notify: NotifySocket,
+    /// The last `STATUS=` each worker sent.
+    statuses: BTreeMap<Pid, String>,
     pidfile: Option<Pidfile>,
     base_env: Environment,
     master_pid: u32,
@@ -111,6 +121,9 @@ impl Master {
             self.wait()?;
             for (event, count) in self.signals.drain() {
                 self.on_signal(event, count);
+            }
+            for (pid, messages) in self.notify.drain() {
+                self.on_notify(pid, messages);
             }
         }
     }
@@ -139,7 +152,10 @@ impl Master {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
+        ];
         match nix::poll::poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => Ok(()),
             Err(e) => Err(MasterError::Runtime(format!("poll: {e}"))),
@@ -224,6 +240,28 @@ impl Master {
         }
     }
 
+    /// Datagrams on the notification socket, attributed by the kernel to their sender.
+    fn on_notify(&mut self, pid: Pid, messages: Vec<Message>) {
+        let Some(slot) = self.pool.workers().find(|(p, _)| *p == pid).map(|(_, w)| w.slot) else {
+            debug!(pid = pid.as_raw(), "notification from a process that is not a child; ignored");
+            return;
+        };
+        for m in messages {
+            match m {
+                Message::Ready => {
+                    if self.pool.notified_ready(pid, Instant::now()) {
+                        info!(slot, pid = pid.as_raw(), "worker up (READY=1)");
+                    }
+                }
+                Message::Status(status) => {
+                    info!(slot, pid = pid.as_raw(), %status, "worker status");
+                    self.statuses.insert(pid, status);
+                }
+                Message::Watchdog | Message::Stopping => debug!(slot, pid = pid.as_raw(), ?m, "notification"),
+            }
+        }
+    }
+
     /// The one place that calls `waitpid`: reaps every child that has ended.
     fn reap(&mut self) {
         loop {
@@ -239,6 +277,7 @@ impl Master {
                 }
             };
             let (pid, status) = status;
+            self.statuses.remove(&pid);
             match self.pool.exited(pid, status.clone(), Instant::now()) {
                 Some(exit) => log_exit(&exit),
                 None => debug!(pid = pid.as_raw(), "reaped a process that is not a worker ({status})"),
