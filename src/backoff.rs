@@ -18,7 +18,12 @@ pub struct Backoff {
 impl Backoff {
     /// Records a death of a child that started at `started` and died at `now`, and returns
     /// when the next spawn may happen.
-    pub fn record_death(&mut self, policy: &config::Backoff, started: Instant, now: Instant) -> Instant {
+    pub fn record_death(
+        &mut self,
+        policy: &config::Backoff,
+        started: Instant,
+        now: Instant,
+    ) -> Instant {
         if now.saturating_duration_since(started) >= policy.reset {
             self.failures = 0;
         }

@@ -25,10 +25,7 @@ pub struct Environment {
 impl Environment {
     /// The master's environment (as given) without systemd's variables.
     pub fn inherited(vars: impl IntoIterator<Item = (String, String)>) -> Environment {
-        let vars = vars
-            .into_iter()
-            .filter(|(k, _)| !SYSTEMD_VARS.contains(&k.as_str()))
-            .collect();
+        let vars = vars.into_iter().filter(|(k, _)| !SYSTEMD_VARS.contains(&k.as_str())).collect();
         Environment { vars }
     }
 

@@ -48,7 +48,8 @@ impl Listener {
                 bind_unix(path).map_err(os)?
             }
         };
-        let backlog = Backlog::new(spec.backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+        let backlog =
+            Backlog::new(spec.backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
         listen(&fd, backlog).map_err(|e| os(e.into()))?;
         let created = match &spec.address {
             Address::Unix(p) => Some(p.clone()),

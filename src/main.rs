@@ -53,6 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.workers.count > 0 && config.workers.command.is_empty() {
+        eprintln!("presup: {}: workers.command: missing required key", config.path.display());
+        return ExitCode::from(2);
+    }
     if let Some(Command::Check) = cli.command {
         return check(&config);
     }

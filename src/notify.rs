@@ -54,7 +54,10 @@ impl NotifySocket {
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
         // An unpredictable name, created (never reused) with mode 0700.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
         let dir = base.join(format!("presup-{}-{nanos:08x}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let path = dir.join("notify");

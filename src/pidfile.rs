@@ -94,7 +94,8 @@ fn write_locked(tmp: &Path, path: &Path) -> io::Result<Flock<File>> {
     let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(tmp)?;
     writeln!(file, "{}", std::process::id())?;
     file.sync_all()?;
-    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
+    let lock =
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
     std::fs::rename(tmp, path)?;
     Ok(lock)
 }
@@ -124,7 +125,9 @@ mod tests {
         let mut first = Pidfile::acquire(&path).unwrap();
         assert_eq!(read_pid(&path), Some(std::process::id()));
         let err = Pidfile::acquire(&path).unwrap_err();
-        assert!(matches!(err, PidfileError::Held { holder: Some(p), .. } if p == std::process::id()));
+        assert!(
+            matches!(err, PidfileError::Held { holder: Some(p), .. } if p == std::process::id())
+        );
         first.remove();
         assert!(!path.exists());
         let again = Pidfile::acquire(&path).unwrap();

@@ -76,7 +76,12 @@ fn fds_of(pid: i32) -> Vec<(i32, String)> {
     v
 }
 
+/// The environment of a fixture worker, once its shell has exec'd `sleep` (during the exec
+/// the kernel shows an empty environment).
 fn env_of(pid: i32) -> Vec<(String, String)> {
+    wait_until("the worker to exec sleep", DEADLINE, || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
+    });
     let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     raw.split(|&b| b == 0)
         .filter_map(|kv| {
@@ -111,13 +116,12 @@ fn workers_get_their_environment_and_only_the_listeners() {
     let ups = wait_ups(&dir, 3);
     let slots: BTreeSet<usize> = ups.iter().map(|u| u.slot).collect();
     assert_eq!(slots, BTreeSet::from([0, 1, 2]));
-    let master_sockets: BTreeSet<String> =
-        fds_of(presup.pid()).into_iter().map(|f| f.1).filter(|t| t.starts_with("socket:")).collect();
+    let master_sockets: BTreeSet<String> = fds_of(presup.pid())
+        .into_iter()
+        .map(|f| f.1)
+        .filter(|t| t.starts_with("socket:"))
+        .collect();
     for u in &ups {
-        // The shell exec'd sleep: the recorded pid is the worker.
-        wait_until("the worker to exec sleep", DEADLINE, || {
-            std::fs::read_to_string(format!("/proc/{}/comm", u.pid)).ok().filter(|c| c.trim() == "sleep")
-        });
         let env = env_of(u.pid);
         assert_eq!(get(&env, "PRESUP_WORKER_ID"), Some(u.slot.to_string().as_str()));
         assert_eq!(get(&env, "PRESUP_WORKER_COUNT"), Some("3"));
@@ -128,14 +132,20 @@ fn workers_get_their_environment_and_only_the_listeners() {
         assert_eq!(get(&env, "LISTEN_FDS"), Some("2"));
         assert_eq!(get(&env, "LISTEN_FDNAMES"), Some("http:admin"));
         assert_eq!(get(&env, "LISTEN_PID"), Some(u.pid.to_string().as_str()));
-        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        for var in ["WATCHDOG_USEC", "WATCHDOG_PID"] {
             assert_eq!(get(&env, var), None, "{var} leaked to the worker");
         }
+        // NOTIFY_SOCKET is the master's own socket, never the one systemd gave the master.
+        let notify = get(&env, "NOTIFY_SOCKET").expect("NOTIFY_SOCKET");
+        assert!(notify.contains("/presup-") && notify.ends_with("/notify"), "{notify}");
         let fds = fds_of(u.pid);
         let numbers: Vec<i32> = fds.iter().map(|f| f.0).collect();
         assert_eq!(numbers, [0, 1, 2, 3, 4], "fds of worker {}: {fds:?}", u.pid);
         for (n, target) in &fds[3..] {
-            assert!(master_sockets.contains(target), "fd {n} ({target}) is not one of the master's listeners");
+            assert!(
+                master_sockets.contains(target),
+                "fd {n} ({target}) is not one of the master's listeners"
+            );
         }
         assert_ne!(fds[3].1, fds[4].1);
     }
@@ -193,7 +203,11 @@ exec sleep 1000"#,
         .log
         .lines()
         .iter()
-        .filter_map(|l| l.split("restart scheduled in ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned()))
+        .filter_map(|l| {
+            l.split("restart scheduled in ")
+                .nth(1)
+                .map(|r| r.split_whitespace().next().unwrap().to_owned())
+        })
         .take(6)
         .collect();
     assert_eq!(delays, ["0s", "50ms", "100ms", "200ms", "400ms", "400ms"]);
@@ -216,7 +230,10 @@ fn a_crash_looping_command_ends_startup_with_exit_3_and_bounded_spawns() {
     let mut presup = Presup::start(&dir, &config("count = 2", ""));
     assert_eq!(presup.wait_exit(), Some(3));
     let log = presup.log.text();
-    assert!(log.contains("worker command `./worker.sh` failed to boot 5 times in a row in slot"), "{log}");
+    assert!(
+        log.contains("worker command `./worker.sh` failed to boot 5 times in a row in slot"),
+        "{log}"
+    );
     assert!(log.contains("last: exited with code 7"), "{log}");
     let spawns = dir.pids().len();
     assert!((5..=10).contains(&spawns), "{spawns} spawns for 2 slots × 5 attempts");
@@ -226,15 +243,22 @@ fn a_crash_looping_command_ends_startup_with_exit_3_and_bounded_spawns() {
 fn a_command_that_cannot_execute_is_reported_with_its_path_and_error() {
     let dir = Dir::new();
     std::fs::create_dir(dir.join("adir")).unwrap();
-    for (command, error) in [("./missing", "No such file or directory"), ("./adir", "Permission denied")] {
+    for (command, error) in
+        [("./missing", "No such file or directory"), ("./adir", "Permission denied")]
+    {
         let toml = config("count = 1\nboot_attempts = 2", "").replace("./worker.sh", command);
         let mut presup = Presup::start(&dir, &toml);
         assert_eq!(presup.wait_exit(), Some(3));
         let path = dir.join(command).display().to_string();
         let expected = format!("cannot execute {path}: {error}");
-        assert!(presup.log.text().contains(&expected), "want {expected:?} in:\n{}", presup.log.text());
+        assert!(
+            presup.log.text().contains(&expected),
+            "want {expected:?} in:\n{}",
+            presup.log.text()
+        );
     }
-    let toml = config("count = 1\nboot_attempts = 1", "").replace("./worker.sh", "no-such-program-presup");
+    let toml =
+        config("count = 1\nboot_attempts = 1", "").replace("./worker.sh", "no-such-program-presup");
     let mut presup = Presup::start(&dir, &toml);
     assert_eq!(presup.wait_exit(), Some(3));
     assert!(presup.log.text().contains("no-such-program-presup: command not found in PATH"));
@@ -249,7 +273,8 @@ fn term_stops_gracefully_and_sigkills_a_worker_that_ignores_it_at_graceful_timeo
 echo "up $PRESUP_WORKER_ID $$ $PRESUP_GENERATION" >> events
 exec sleep 1000"#,
     );
-    let toml = config("count = 2", "").replace("graceful_timeout = \"5s\"", "graceful_timeout = \"1s\"");
+    let toml =
+        config("count = 2", "").replace("graceful_timeout = \"5s\"", "graceful_timeout = \"1s\"");
     let mut presup = Presup::start(&dir, &toml);
     let ups = wait_ups(&dir, 2);
     presup.log.wait_for("ready: all workers up");
@@ -259,7 +284,8 @@ exec sleep 1000"#,
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(900), "SIGKILL came before graceful_timeout: {took:?}");
     let log = presup.log.text();
-    let killed = log.lines().find(|l| l.contains("presup's SIGKILL")).unwrap_or_else(|| panic!("{log}"));
+    let killed =
+        log.lines().find(|l| l.contains("presup's SIGKILL")).unwrap_or_else(|| panic!("{log}"));
     assert!(killed.contains("slot=1"), "{killed}");
     assert!(log.contains("killed by SIGTERM (stopped: Shutdown)"), "{log}");
     for u in ups {
@@ -323,7 +349,8 @@ fn hup_with_a_bad_config_keeps_the_workers_and_a_good_one_brings_generation_2() 
     presup.signal(Signal::SIGHUP);
     let all = wait_until("generation 2 in every slot", DEADLINE, || {
         let u = ups(&dir);
-        let gen2: BTreeSet<usize> = u.iter().filter(|u| u.generation == 2).map(|u| u.slot).collect();
+        let gen2: BTreeSet<usize> =
+            u.iter().filter(|u| u.generation == 2).map(|u| u.slot).collect();
         (gen2.len() == 2).then_some(u)
     });
     for old in &first {

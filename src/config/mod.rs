@@ -7,6 +7,8 @@
 //! beyond it are marked in the field docs.
 
 mod schema;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -23,8 +25,9 @@ pub use schema::parse_str;
 pub struct Config {
     /// The config file this was read from (absolute).
     pub path: PathBuf,
-    /// The directory children run in and relative paths are resolved against: the config
-    /// file's directory unless `directory` is set (a presup addition).
+    /// The directory children run in: `directory` if set (a presup addition), else the config
+    /// file's directory. Relative paths in the file, `directory` included, are resolved against
+    /// the config file's directory (DESIGN §5), never against this.
     pub directory: PathBuf,
     pub pidfile: Option<PathBuf>,
     #[serde(with = "human")]
@@ -32,7 +35,8 @@ pub struct Config {
     /// Optional top-level privilege drop for every child (applied by a later issue).
     pub user: Option<String>,
     pub group: Option<String>,
-    /// Octal umask for children, e.g. `"022"`.
+    /// Octal umask for children, e.g. `"022"` (printed back in octal).
+    #[serde(serialize_with = "octal")]
     pub umask: Option<u32>,
     pub listen: Vec<Listen>,
     pub workers: Workers,
@@ -241,13 +245,7 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        write!(
-            f,
-            "{}: {} error{}",
-            self.path.display(),
-            n,
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "{}: {} error{}", self.path.display(), n, if n == 1 { "" } else { "s" })?;
         for e in &self.errors {
             write!(f, "\n  {}: {e}", self.path.display())?;
         }
@@ -259,7 +257,11 @@ impl fmt::Display for ConfigErrors {
 ///
 /// `web_concurrency` is the value of `WEB_CONCURRENCY` (passed in so that tests and reloads
 /// decide it explicitly); `cpus` is what `count = "auto"` means.
-pub fn load(path: &Path, web_concurrency: Option<&str>, cpus: usize) -> Result<Config, ConfigErrors> {
+pub fn load(
+    path: &Path,
+    web_concurrency: Option<&str>,
+    cpus: usize,
+) -> Result<Config, ConfigErrors> {
     let fail = |message: String| ConfigErrors {
         path: path.to_path_buf(),
         errors: vec![ConfigError { key: String::new(), line: 0, column: 0, message }],
@@ -274,6 +276,14 @@ pub fn load(path: &Path, web_concurrency: Option<&str>, cpus: usize) -> Result<C
 /// The CPU count `count = "auto"` resolves to.
 pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Prints a umask as it is written (`"0027"`).
+fn octal<S: serde::Serializer>(mask: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match mask {
+        Some(mask) => s.collect_str(&format_args!("{mask:04o}")),
+        None => s.serialize_none(),
+    }
 }
 
 /// Serde helpers printing durations the way they are written (`"250ms"`, `"30s"`).

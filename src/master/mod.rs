@@ -62,14 +62,17 @@ pub struct Options {
 
 /// Runs the master until it stops. `Ok` is a clean stop (exit 0).
 pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
-    let signals = Signals::install().map_err(|e| MasterError::Setup(format!("signal handlers: {e}")))?;
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| MasterError::Setup(format!("subreaper: {e}")))?;
+    let signals =
+        Signals::install().map_err(|e| MasterError::Setup(format!("signal handlers: {e}")))?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| MasterError::Setup(format!("subreaper: {e}")))?;
     let pidfile = config.pidfile.as_deref().map(Pidfile::acquire).transpose()?;
     let listeners = listener::bind_all(&config.listen)?;
     for l in &listeners {
         info!(name = %l.name, address = %l.local_addr().unwrap_or_else(|_| l.address.to_string()), "listening");
     }
-    let notify = NotifySocket::create().map_err(|e| MasterError::Setup(format!("notification socket: {e}")))?;
+    let notify = NotifySocket::create()
+        .map_err(|e| MasterError::Setup(format!("notification socket: {e}")))?;
     let mut base_env = Environment::inherited(std::env::vars());
     base_env.set("NOTIFY_SOCKET", notify.path().display());
     let pool = Pool::new(config.workers.count, Policy::from_config(&config));
@@ -174,7 +177,11 @@ impl Master {
                 let _ = killpg(pid, signal);
             }
             Action::Booted => {
-                info!(workers = self.pool.target(), generation = self.pool.generation(), "ready: all workers up");
+                info!(
+                    workers = self.pool.target(),
+                    generation = self.pool.generation(),
+                    "ready: all workers up"
+                );
             }
             Action::BootFailed { slot, attempts, last } => {
                 let command = self.config.workers.command.join(" ");
@@ -211,7 +218,13 @@ impl Master {
             listener_names: &names,
         });
         let w = &self.config.workers;
-        Command::prepare(&w.command, &env.to_vec(), &self.config.directory, !names.is_empty(), self.config.umask)
+        Command::prepare(
+            &w.command,
+            &env.to_vec(),
+            &self.config.directory,
+            !names.is_empty(),
+            self.config.umask,
+        )
     }
 
     fn on_signal(&mut self, event: Event, count: u32) {
@@ -257,7 +270,9 @@ impl Master {
                     info!(slot, pid = pid.as_raw(), %status, "worker status");
                     self.statuses.insert(pid, status);
                 }
-                Message::Watchdog | Message::Stopping => debug!(slot, pid = pid.as_raw(), ?m, "notification"),
+                Message::Watchdog | Message::Stopping => {
+                    debug!(slot, pid = pid.as_raw(), ?m, "notification")
+                }
             }
         }
     }
@@ -280,7 +295,9 @@ impl Master {
             self.statuses.remove(&pid);
             match self.pool.exited(pid, status.clone(), Instant::now()) {
                 Some(exit) => log_exit(&exit),
-                None => debug!(pid = pid.as_raw(), "reaped a process that is not a worker ({status})"),
+                None => {
+                    debug!(pid = pid.as_raw(), "reaped a process that is not a worker ({status})")
+                }
             }
         }
     }
@@ -291,13 +308,17 @@ impl Master {
             return;
         }
         let wc = std::env::var("WEB_CONCURRENCY").ok();
-        let new = match config::load(&self.options.config_path, wc.as_deref(), config::cpu_count()) {
+        let new = match config::load(&self.options.config_path, wc.as_deref(), config::cpu_count())
+        {
             Ok(c) => c,
             Err(errors) => {
                 for e in &errors.errors {
                     error!("reload rejected: {e}");
                 }
-                error!(generation = self.pool.generation(), "HUP: the new config is invalid; keeping the running one");
+                error!(
+                    generation = self.pool.generation(),
+                    "HUP: the new config is invalid; keeping the running one"
+                );
                 return;
             }
         };
@@ -313,13 +334,17 @@ impl Master {
     /// Makes the listeners match `new`: an unchanged address keeps its socket, a new one is
     /// bound, a removed one is closed (workers that hold it keep it until they exit).
     fn rebind(&mut self, new: &Config) -> Result<(), BindError> {
-        let is_new = |spec: &&config::Listen| !self.listeners.iter().any(|l| l.address == spec.address);
+        let is_new =
+            |spec: &&config::Listen| !self.listeners.iter().any(|l| l.address == spec.address);
         // Bind first: a failure leaves the running listeners untouched.
-        let fresh: Vec<Listener> = new.listen.iter().filter(is_new).map(Listener::bind).collect::<Result<_, _>>()?;
+        let fresh: Vec<Listener> =
+            new.listen.iter().filter(is_new).map(Listener::bind).collect::<Result<_, _>>()?;
         let mut fresh = fresh.into_iter();
-        let mut old: Vec<Option<Listener>> = std::mem::take(&mut self.listeners).into_iter().map(Some).collect();
+        let mut old: Vec<Option<Listener>> =
+            std::mem::take(&mut self.listeners).into_iter().map(Some).collect();
         for spec in &new.listen {
-            let kept = old.iter_mut().find(|l| l.as_ref().is_some_and(|l| l.address == spec.address));
+            let kept =
+                old.iter_mut().find(|l| l.as_ref().is_some_and(|l| l.address == spec.address));
             let mut l = match kept.and_then(Option::take) {
                 Some(l) => l,
                 None => fresh.next().expect("every new address was bound above"),
@@ -349,8 +374,12 @@ fn log_exit(exit: &Exit) {
         Cause::Stopped { killed: true, why } => {
             warn!(slot, pid, generation, %uptime, "worker {status} (presup's SIGKILL after the stop timeout, {why:?})")
         }
-        Cause::Stopped { why, .. } => info!(slot, pid, generation, %uptime, "worker {status} (stopped: {why:?})"),
-        Cause::BootFailure => warn!(slot, pid, generation, %uptime, "worker {status} before it was up (boot failure)"),
+        Cause::Stopped { why, .. } => {
+            info!(slot, pid, generation, %uptime, "worker {status} (stopped: {why:?})")
+        }
+        Cause::BootFailure => {
+            warn!(slot, pid, generation, %uptime, "worker {status} before it was up (boot failure)")
+        }
         Cause::Crash => warn!(slot, pid, generation, %uptime, "worker {status}"),
     }
     if let Some(d) = exit.restart_in {

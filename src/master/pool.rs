@@ -74,10 +74,19 @@ pub enum StopWhy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Life {
     /// Spawned, not up yet: up at `deadline` (spawn mode) or killed then (notify mode).
-    Starting { deadline: Instant },
-    Up { since: Instant },
+    Starting {
+        deadline: Instant,
+    },
+    Up {
+        since: Instant,
+    },
     /// Sent its stop signal; SIGKILL to its group at `kill_at` unless `killed` already.
-    Stopping { why: StopWhy, kill_at: Instant, killed: bool, was_up: bool },
+    Stopping {
+        why: StopWhy,
+        kill_at: Instant,
+        killed: bool,
+        was_up: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,7 +255,12 @@ impl Pool {
             if let Life::Stopping { kill_at: at, killed: false, why, .. } = &mut w.life {
                 if *at > kill_at {
                     *at = kill_at;
-                    self.pending.push(Action::Signal { pid, slot: w.slot, signal: Signal::SIGQUIT, why: *why });
+                    self.pending.push(Action::Signal {
+                        pid,
+                        slot: w.slot,
+                        signal: Signal::SIGQUIT,
+                        why: *why,
+                    });
                 }
             }
         }
@@ -254,7 +268,8 @@ impl Pool {
 
     /// A worker was forked for `slot` of `generation`.
     pub fn spawned(&mut self, slot: usize, generation: u64, pid: Pid, now: Instant) {
-        let wait = if self.policy.notify { self.policy.boot_timeout } else { self.policy.min_uptime };
+        let wait =
+            if self.policy.notify { self.policy.boot_timeout } else { self.policy.min_uptime };
         let worker = Worker {
             slot,
             generation,
@@ -286,7 +301,9 @@ impl Pool {
     pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
         let w = self.workers.remove(&pid)?;
         let cause = match w.life {
-            Life::Starting { .. } | Life::Stopping { why: StopWhy::BootTimeout, .. } => Cause::BootFailure,
+            Life::Starting { .. } | Life::Stopping { why: StopWhy::BootTimeout, .. } => {
+                Cause::BootFailure
+            }
             Life::Up { .. } => Cause::Crash,
             Life::Stopping { why, killed, .. } => Cause::Stopped { why, killed },
         };
@@ -309,7 +326,14 @@ impl Pool {
         })
     }
 
-    fn record_failure(&mut self, slot: usize, status: ExitStatus, started: Instant, now: Instant, boot: bool) {
+    fn record_failure(
+        &mut self,
+        slot: usize,
+        status: ExitStatus,
+        started: Instant,
+        now: Instant,
+        boot: bool,
+    ) {
         let policy = self.policy.backoff;
         let s = self.slot(slot);
         s.not_before = Some(s.backoff.record_death(&policy, started, now));
@@ -381,12 +405,27 @@ impl Pool {
                     came_up.push(w.slot);
                 }
                 Life::Starting { deadline } if deadline <= now => {
-                    w.life = Life::Stopping { why: StopWhy::BootTimeout, kill_at: now, killed: true, was_up: false };
-                    actions.push(Action::Signal { pid, slot: w.slot, signal: Signal::SIGKILL, why: StopWhy::BootTimeout });
+                    w.life = Life::Stopping {
+                        why: StopWhy::BootTimeout,
+                        kill_at: now,
+                        killed: true,
+                        was_up: false,
+                    };
+                    actions.push(Action::Signal {
+                        pid,
+                        slot: w.slot,
+                        signal: Signal::SIGKILL,
+                        why: StopWhy::BootTimeout,
+                    });
                 }
                 Life::Stopping { kill_at, killed: false, why, was_up } if kill_at <= now => {
                     w.life = Life::Stopping { why, kill_at, killed: true, was_up };
-                    actions.push(Action::Signal { pid, slot: w.slot, signal: Signal::SIGKILL, why });
+                    actions.push(Action::Signal {
+                        pid,
+                        slot: w.slot,
+                        signal: Signal::SIGKILL,
+                        why,
+                    });
                 }
                 _ => {}
             }
@@ -396,7 +435,14 @@ impl Pool {
         }
     }
 
-    fn begin_stop(&mut self, pid: Pid, why: StopWhy, signal: Option<Signal>, grace: Duration, now: Instant) -> Option<Action> {
+    fn begin_stop(
+        &mut self,
+        pid: Pid,
+        why: StopWhy,
+        signal: Option<Signal>,
+        grace: Duration,
+        now: Instant,
+    ) -> Option<Action> {
         let w = self.workers.get_mut(&pid)?;
         if !w.live() {
             return None;
@@ -413,7 +459,8 @@ impl Pool {
         } else {
             (None, self.policy.graceful_timeout)
         };
-        let live: Vec<Pid> = self.workers.iter().filter(|(_, w)| w.live()).map(|(p, _)| *p).collect();
+        let live: Vec<Pid> =
+            self.workers.iter().filter(|(_, w)| w.live()).map(|(p, _)| *p).collect();
         for pid in live {
             actions.extend(self.begin_stop(pid, StopWhy::Shutdown, signal, grace, now));
         }
@@ -441,7 +488,9 @@ impl Pool {
             .workers
             .iter()
             .filter(|(_, w)| w.live() && w.generation != self.generation)
-            .filter(|(_, w)| self.in_slot(w.slot).any(|n| n.generation == self.generation && n.up()))
+            .filter(|(_, w)| {
+                self.in_slot(w.slot).any(|n| n.generation == self.generation && n.up())
+            })
             .map(|(p, _)| *p)
             .collect();
         for pid in old {
@@ -454,7 +503,9 @@ impl Pool {
     fn spawn_missing(&mut self, now: Instant, actions: &mut Vec<Action>) {
         let mut replacing = (1..self.target).filter(|&s| self.is_replacing(s)).count();
         for slot in (1..self.target).chain([0]) {
-            if !self.needs_spawn(slot) || self.slots.get(slot).and_then(|s| s.not_before).is_some_and(|t| t > now) {
+            if !self.needs_spawn(slot)
+                || self.slots.get(slot).and_then(|s| s.not_before).is_some_and(|t| t > now)
+            {
                 continue;
             }
             let has_old = self.in_slot(slot).any(|w| w.generation != self.generation);
@@ -475,14 +526,17 @@ impl Pool {
     /// A slot whose old worker still serves while its new one is starting.
     fn is_replacing(&self, slot: usize) -> bool {
         let mut ws = self.in_slot(slot);
-        let new_starting = self.in_slot(slot).any(|w| w.generation == self.generation && matches!(w.life, Life::Starting { .. }));
+        let new_starting = self
+            .in_slot(slot)
+            .any(|w| w.generation == self.generation && matches!(w.life, Life::Starting { .. }));
         new_starting && ws.any(|w| w.live() && w.generation != self.generation)
     }
 
     /// Slot 0 may get a new worker only when no process is left in it; an old live one is
     /// stopped first, once every other slot runs the current generation.
     fn primary_may_spawn(&mut self, now: Instant, actions: &mut Vec<Action>) -> bool {
-        let old: Vec<Pid> = self.workers.iter().filter(|(_, w)| w.slot == 0).map(|(p, _)| *p).collect();
+        let old: Vec<Pid> =
+            self.workers.iter().filter(|(_, w)| w.slot == 0).map(|(p, _)| *p).collect();
         if old.is_empty() {
             return true;
         }
@@ -505,14 +559,20 @@ impl Pool {
             return None;
         }
         let attempts = self.policy.boot_attempts;
-        let (slot, s) = self.slots.iter().enumerate().take(self.target).find(|(_, s)| s.boot_failures >= attempts)?;
+        let (slot, s) = self
+            .slots
+            .iter()
+            .enumerate()
+            .take(self.target)
+            .find(|(_, s)| s.boot_failures >= attempts)?;
         let last = s.last_failure.clone().unwrap_or(ExitStatus::Code(0));
         Some(Action::BootFailed { slot, attempts: s.boot_failures, last })
     }
 
     /// The boot is over once every slot has an up worker.
     fn check_booted(&mut self, actions: &mut Vec<Action>) {
-        let all_up = (0..self.target).all(|s| self.in_slot(s).any(|w| w.generation == self.generation && w.up()));
+        let all_up = (0..self.target)
+            .all(|s| self.in_slot(s).any(|w| w.generation == self.generation && w.up()));
         if self.phase == Phase::Booting && all_up {
             self.phase = Phase::Running;
             actions.push(Action::Booted);

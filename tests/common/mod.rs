@@ -93,6 +93,18 @@ impl Log {
         }
     }
 
+    /// Waits until the log's pipe is closed: every writer has exited.
+    pub fn wait_closed(&self) {
+        let (m, cv) = &*self.inner;
+        let end = Instant::now() + DEADLINE;
+        let mut state = m.lock().unwrap();
+        while !state.closed {
+            let now = Instant::now();
+            assert!(now < end, "the log pipe stayed open: a child outlived the master?");
+            state = cv.wait_timeout(state, end - now).unwrap().0;
+        }
+    }
+
     /// Waits for a log line containing `needle`.
     pub fn wait_for(&self, needle: &str) -> String {
         self.wait_for_nth(needle, 1)
@@ -126,7 +138,10 @@ impl Dir {
     /// Writes an executable `#!/bin/sh` script. Each fixture script first appends its pid to
     /// `pids` so that the harness can check that nothing outlives the test.
     pub fn script(&self, name: &str, body: &str) -> PathBuf {
-        let p = self.write(name, &format!("#!/bin/sh\necho $$ >> \"{}/pids\"\n{body}\n", self.path().display()));
+        let p = self.write(
+            name,
+            &format!("#!/bin/sh\necho $$ >> \"{}/pids\"\n{body}\n", self.path().display()),
+        );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
@@ -205,6 +220,8 @@ impl Presup {
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 self.status = Some(s);
+                // Every line is in once the pipe is closed (by the master and its workers).
+                self.log.wait_closed();
                 return s.code();
             }
             assert!(Instant::now() < end, "presup did not exit; log:\n{}", self.log.text());
@@ -236,7 +253,10 @@ impl Drop for Presup {
             std::thread::sleep(Duration::from_millis(5));
         }
         for &p in &left {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if !left.is_empty() && !std::thread::panicking() {
             panic!("processes outlived the test: {left:?}");
@@ -279,7 +299,11 @@ pub fn http_get(port: u16) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     match out.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+        Some((head, body))
+            if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") =>
+        {
+            Ok(body.to_owned())
+        }
         _ => Err(std::io::Error::other(format!("bad response: {out:?}"))),
     }
 }

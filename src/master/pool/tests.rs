@@ -137,7 +137,12 @@ fn crash_loop_at_boot_fails_after_bounded_attempts() {
         for (_, pid) in spawned {
             sim.pool.exited(pid, ExitStatus::Code(3), sim.at(t + 10));
         }
-        t = sim.pool.next_deadline().map(|d| (d - sim.t0).as_millis() as u64).unwrap_or(t + 10).max(t + 10);
+        t = sim
+            .pool
+            .next_deadline()
+            .map(|d| (d - sim.t0).as_millis() as u64)
+            .unwrap_or(t + 10)
+            .max(t + 10);
         assert!(t < 60_000, "no fork storm, no endless loop");
     };
     assert_eq!(failed, Action::BootFailed { slot: 0, attempts: 5, last: ExitStatus::Code(3) });
@@ -181,7 +186,8 @@ fn graceful_stop_signals_then_kills_at_the_timeout() {
     assert_eq!(sim.pool.next_deadline(), Some(sim.at(32_000)));
     assert_eq!(signals(&sim.step(32_000).0), vec![(sent[1].0, Signal::SIGKILL, StopWhy::Shutdown)]);
     assert!(!sim.pool.is_done());
-    let exit = sim.pool.exited(sent[1].0, ExitStatus::Signal(Signal::SIGKILL), sim.at(32_001)).unwrap();
+    let exit =
+        sim.pool.exited(sent[1].0, ExitStatus::Signal(Signal::SIGKILL), sim.at(32_001)).unwrap();
     assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Shutdown, killed: true });
     assert!(sim.pool.is_done());
 }
@@ -207,10 +213,8 @@ fn ttin_adds_a_slot_ttou_stops_the_highest() {
     assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [2]);
     sim.pool.set_target(1);
     let sent = signals(&sim.step(2100).0);
-    let slots: Vec<usize> = sent
-        .iter()
-        .map(|s| sim.pool.workers().find(|(p, _)| *p == s.0).unwrap().1.slot)
-        .collect();
+    let slots: Vec<usize> =
+        sent.iter().map(|s| sim.pool.workers().find(|(p, _)| *p == s.0).unwrap().1.slot).collect();
     assert_eq!(slots, [2, 1]);
     assert!(sent.iter().all(|s| s.2 == StopWhy::Surplus));
     sim.pool.set_target(0);
@@ -235,7 +239,10 @@ fn reload_replaces_one_slot_at_a_time_new_up_before_old_stopped_primary_last() {
     let (actions, spawned) = sim.step(4000);
     assert_eq!(
         signals(&actions),
-        vec![(old[2], Signal::SIGTERM, StopWhy::Retired), (old[0], Signal::SIGTERM, StopWhy::Retired)]
+        vec![
+            (old[2], Signal::SIGTERM, StopWhy::Retired),
+            (old[0], Signal::SIGTERM, StopWhy::Retired)
+        ]
     );
     assert!(spawned.is_empty());
     assert_eq!(sim.live_in_slot(0), 1);
@@ -276,7 +283,8 @@ fn notify_mode_is_up_at_ready_and_killed_at_boot_timeout() {
     assert_eq!(sim.step(1500).0, vec![]);
     let sent = signals(&sim.step(30_000).0);
     assert_eq!(sent, vec![(spawned[1].1, Signal::SIGKILL, StopWhy::BootTimeout)]);
-    let exit = sim.pool.exited(spawned[1].1, ExitStatus::Signal(Signal::SIGKILL), sim.at(30_001)).unwrap();
+    let exit =
+        sim.pool.exited(spawned[1].1, ExitStatus::Signal(Signal::SIGKILL), sim.at(30_001)).unwrap();
     assert_eq!(exit.cause, Cause::BootFailure);
     let retry = sim.step(30_001).1[0].1;
     assert!(sim.pool.notified_ready(retry, sim.at(30_100)));

@@ -1,0 +1,89 @@
+//! The config as the operator meets it: `presup check`, errors with line and column, exit 2
+//! before anything starts, `count = "auto"` and `WEB_CONCURRENCY`.
+
+mod common;
+
+use common::{run, Dir, Presup};
+
+#[test]
+fn check_prints_the_resolved_config() {
+    let dir = Dir::new();
+    dir.write(
+        "supervisor.toml",
+        "[[listen]]\nname = \"http\"\naddress = \"unix:run/app.sock\"\n[workers]\ncommand = [\"python3\", \"app.py\"]\ncount = 3\n",
+    );
+    let (code, out, err) = run(&["check", "-c", "supervisor.toml"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("count = 3"), "{out}");
+    assert!(out.contains("graceful_timeout = \"30s\""), "defaults are filled in: {out}");
+    let sock = dir.path().join("run/app.sock").display().to_string();
+    assert!(out.contains(&format!("unix:{sock}")), "paths are absolute: {out}");
+}
+
+#[test]
+fn every_error_is_reported_with_key_line_and_column_and_nothing_starts() {
+    let dir = Dir::new();
+    dir.script("worker.sh", "exec sleep 1000");
+    let toml = r#"graceful_timeout = "soon"
+
+[[listen]]
+name = "http"
+adress = "127.0.0.1:0"
+
+[workers]
+command = ["./worker.sh"]
+count = "many"
+"#;
+    dir.write("supervisor.toml", toml);
+    let (code, out, err) = run(&["check", "-c", "supervisor.toml"], dir.path());
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    for want in [
+        "graceful_timeout: line 1, column 20: invalid duration \"soon\"",
+        "listen[0].adress: line 5, column 1: unknown key \"adress\"",
+        "listen[0].address: line 3, column 1: missing required key \"address\"",
+        "workers.count: line 9, column 9:",
+    ] {
+        assert!(err.contains(want), "want {want:?} in:\n{err}");
+    }
+    // Running it: exit 2, and no child was ever started.
+    let mut presup = Presup::start_with(&dir, &[], &[]);
+    assert_eq!(presup.wait_exit(), Some(2));
+    assert!(presup.log.text().contains("4 errors"), "{}", presup.log.text());
+    assert!(dir.pids().is_empty());
+}
+
+#[test]
+fn count_auto_is_the_cpu_count_and_web_concurrency_overrides() {
+    let dir = Dir::new();
+    dir.write("supervisor.toml", "[workers]\ncommand = [\"true\"]\ncount = \"auto\"\n");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let (code, out, _) = run(&["check"], dir.path());
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("count = {cpus}")), "{out}");
+    let out = std::process::Command::new(common::bin())
+        .args(["check"])
+        .current_dir(dir.path())
+        .env("WEB_CONCURRENCY", "7")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("count = 7"));
+    let out = std::process::Command::new(common::bin())
+        .args(["check"])
+        .current_dir(dir.path())
+        .env("WEB_CONCURRENCY", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WEB_CONCURRENCY"));
+}
+
+#[test]
+fn a_missing_config_file_is_a_usage_error() {
+    let dir = Dir::new();
+    let (code, _, err) = run(&["-c", "nope.toml"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("nope.toml") && err.contains("cannot read"), "{err}");
+    let (code, _, err) = run(&["--log-format", "xml"], dir.path());
+    assert_eq!(code, 2, "{err}");
+}
