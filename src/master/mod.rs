@@ -382,7 +382,8 @@ fn log_exit(exit: &Exit) {
         }
         Cause::Crash => warn!(slot, pid, generation, %uptime, "worker {status}"),
     }
-    if let Some(d) = exit.restart_in {
+    let died = matches!(exit.cause, Cause::Crash | Cause::BootFailure);
+    if let (true, Some(d)) = (died, exit.restart_in) {
         info!(slot, "restart scheduled in {}", humantime::format_duration(round_ms(d)));
     }
 }
