@@ -5,7 +5,9 @@
 //! timeout (none when idle: an idle master sleeps until a signal arrives), drain the signals,
 //! reap. Decisions live in [`pool`]; this module only performs them and logs.
 
+pub mod hooks;
 pub mod pool;
+pub mod singletons;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};

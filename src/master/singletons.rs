@@ -1,0 +1,354 @@
+//! Singletons: named children with exactly one instance each.
+//!
+//! At boot they start in file order, each ready before the next; while running, one that dies
+//! is restarted by its `restart` policy at its backoff instant, and only once its previous
+//! process has been reaped, so two instances never live at once; at stop they go in reverse
+//! order, each gone before the one before it is signalled. Pure, like the pool: stepped at
+//! made-up instants, performed by the master.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::backoff::Backoff;
+use crate::config::{self, Ready, Restart};
+use crate::master::pool::ExitStatus;
+
+/// A singleton's state; each state carries its own data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    /// No process; to be spawned at `not_before` (when the phase allows).
+    Waiting {
+        not_before: Instant,
+    },
+    /// Spawned, not ready: `deadline` is its boot timeout (spawn mode: its `min_uptime`);
+    /// `probe_at` the next connection attempt for socket readiness.
+    Starting {
+        pid: Pid,
+        since: Instant,
+        deadline: Instant,
+        probe: Option<Probe>,
+    },
+    Up {
+        pid: Pid,
+        since: Instant,
+    },
+    Stopping {
+        pid: Pid,
+        kill_at: Instant,
+        killed: bool,
+        boot_timeout: bool,
+    },
+    /// No process and none wanted (its policy said so, or the master is stopping).
+    Finished,
+}
+
+/// When to try connecting to a starting singleton's socket, and the wait after that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// `None` while an attempt is out (the master reports with `probed`).
+    pub at: Option<Instant>,
+    pub every: Duration,
+}
+
+const PROBE_FIRST: Duration = Duration::from_millis(5);
+const PROBE_MAX: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Spawn {
+        index: usize,
+    },
+    /// Try connecting to the singleton's ready socket; report with `probed`.
+    Probe {
+        index: usize,
+    },
+    Signal {
+        index: usize,
+        pid: Pid,
+        signal: Signal,
+    },
+    /// It became ready.
+    Up {
+        index: usize,
+        pid: Pid,
+    },
+    /// Every singleton is up: the workers may start.
+    Booted,
+    /// A singleton could not become ready at boot.
+    BootFailed {
+        index: usize,
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Booting,
+    Running,
+    Stopping,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub spec: config::Singleton,
+    pub life: Life,
+    backoff: Backoff,
+    started: Option<Instant>,
+}
+
+impl Entry {
+    pub fn pid(&self) -> Option<Pid> {
+        match self.life {
+            Life::Starting { pid, .. } | Life::Up { pid, .. } | Life::Stopping { pid, .. } => {
+                Some(pid)
+            }
+            Life::Waiting { .. } | Life::Finished => None,
+        }
+    }
+}
+
+/// What the log says of a singleton's exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub index: usize,
+    pub status: ExitStatus,
+    pub stopped: bool,
+    pub restart_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Singletons {
+    entries: Vec<Entry>,
+    phase: Phase,
+    pending: Vec<Action>,
+}
+
+impl Singletons {
+    pub fn new(specs: &[config::Singleton], now: Instant) -> Singletons {
+        let entries = specs
+            .iter()
+            .map(|spec| Entry {
+                spec: spec.clone(),
+                life: Life::Waiting { not_before: now },
+                backoff: Backoff::default(),
+                started: None,
+            })
+            .collect();
+        Singletons { entries, phase: Phase::Booting, pending: Vec::new() }
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn index_of(&self, pid: Pid) -> Option<usize> {
+        self.entries.iter().position(|e| e.pid() == Some(pid))
+    }
+    pub fn up_count(&self) -> usize {
+        self.entries.iter().filter(|e| matches!(e.life, Life::Up { .. })).count()
+    }
+    /// Stopping, and no singleton process is left.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Stopping && self.entries.iter().all(|e| e.pid().is_none())
+    }
+
+    /// Stops them all, last first.
+    pub fn stop(&mut self) {
+        self.phase = Phase::Stopping;
+    }
+
+    pub fn spawned(&mut self, index: usize, pid: Pid, now: Instant) {
+        let e = &mut self.entries[index];
+        let probe = matches!(e.spec.ready, Ready::UnixSocket(_) | Ready::Tcp(_))
+            .then_some(Probe { at: Some(now + PROBE_FIRST), every: PROBE_FIRST });
+        let wait =
+            if e.spec.ready == Ready::Spawn { e.spec.min_uptime } else { e.spec.boot_timeout };
+        e.life = Life::Starting { pid, since: now, deadline: now + wait, probe };
+        e.started = Some(now);
+    }
+
+    pub fn spawn_failed(&mut self, index: usize, why: String, now: Instant) {
+        self.entries[index].started = Some(now);
+        self.died(index, ExitStatus::NotStarted(why), true, now);
+    }
+
+    /// `READY=1` from `pid`; true if that made a singleton up.
+    pub fn notified_ready(&mut self, pid: Pid, now: Instant) -> bool {
+        match self.index_of(pid) {
+            Some(i) if self.entries[i].spec.ready == Ready::Notify => self.came_up(i, now),
+            _ => false,
+        }
+    }
+
+    /// The result of a `Probe`.
+    pub fn probed(&mut self, index: usize, ok: bool, now: Instant) {
+        if ok {
+            self.came_up(index, now);
+        } else if let Life::Starting { probe: Some(p), .. } = &mut self.entries[index].life {
+            p.every = (p.every * 2).min(PROBE_MAX);
+            p.at = Some(now + p.every);
+        }
+    }
+
+    fn came_up(&mut self, index: usize, now: Instant) -> bool {
+        let Life::Starting { pid, .. } = self.entries[index].life else { return false };
+        self.entries[index].life = Life::Up { pid, since: now };
+        self.pending.push(Action::Up { index, pid });
+        true
+    }
+
+    /// A child was reaped; `None` if it was not a singleton.
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+        let index = self.index_of(pid)?;
+        let (stopped, boot) = match self.entries[index].life {
+            Life::Stopping { boot_timeout, .. } => (!boot_timeout, boot_timeout),
+            Life::Starting { .. } => (false, true),
+            _ => (false, false),
+        };
+        if stopped {
+            self.entries[index].life = Life::Finished;
+        } else {
+            self.died(index, status.clone(), boot, now);
+        }
+        let restart_in = match self.entries[index].life {
+            Life::Waiting { not_before } => Some(not_before.saturating_duration_since(now)),
+            _ => None,
+        };
+        Some(Exit { index, status, stopped, restart_in })
+    }
+
+    fn died(&mut self, index: usize, status: ExitStatus, boot: bool, now: Instant) {
+        let e = &mut self.entries[index];
+        if self.phase == Phase::Booting && boot {
+            let why = match (&e.life, &status) {
+                (Life::Stopping { boot_timeout: true, .. }, _) => format!(
+                    "not ready within its boot_timeout ({})",
+                    humantime::format_duration(e.spec.boot_timeout)
+                ),
+                _ => format!("{status} before it was ready"),
+            };
+            e.life = Life::Finished;
+            self.pending.push(Action::BootFailed { index, why });
+            return;
+        }
+        let failed = status != ExitStatus::Code(0);
+        let restart = match e.spec.restart {
+            Restart::Always => true,
+            Restart::OnFailure => failed,
+            Restart::Never => false,
+        };
+        e.life = if restart && self.phase != Phase::Stopping {
+            let started = e.started.unwrap_or(now);
+            Life::Waiting {
+                not_before: e.backoff.record_death(&e.spec.restart_backoff, started, now),
+            }
+        } else {
+            Life::Finished
+        };
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        // At boot only the first singleton not up may be spawned.
+        let booting = self.entries.iter().position(|e| !matches!(e.life, Life::Up { .. }));
+        let may_spawn = |i: usize| match self.phase {
+            Phase::Booting => Some(i) == booting,
+            Phase::Running => true,
+            Phase::Stopping => false,
+        };
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e.life {
+                Life::Waiting { not_before } if may_spawn(i) => Some(not_before),
+                Life::Starting { deadline, probe, .. } => {
+                    Some(probe.and_then(|p| p.at).map_or(deadline, |at| at.min(deadline)))
+                }
+                Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    pub fn step(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = std::mem::take(&mut self.pending);
+        for index in 0..self.entries.len() {
+            self.expire(index, now, &mut actions);
+        }
+        actions.append(&mut self.pending);
+        match self.phase {
+            Phase::Booting => self.boot(now, &mut actions),
+            Phase::Running => {
+                for (index, e) in self.entries.iter().enumerate() {
+                    if matches!(e.life, Life::Waiting { not_before } if not_before <= now) {
+                        actions.push(Action::Spawn { index });
+                    }
+                }
+            }
+            Phase::Stopping => self.stop_last(now, &mut actions),
+        }
+        actions
+    }
+
+    fn expire(&mut self, index: usize, now: Instant, actions: &mut Vec<Action>) {
+        let spawn_mode = self.entries[index].spec.ready == Ready::Spawn;
+        match &mut self.entries[index].life {
+            Life::Starting { deadline, .. } if *deadline <= now && spawn_mode => {
+                self.came_up(index, now);
+            }
+            Life::Starting { pid, deadline, .. } if *deadline <= now => {
+                let pid = *pid;
+                self.entries[index].life =
+                    Life::Stopping { pid, kill_at: now, killed: true, boot_timeout: true };
+                actions.push(Action::Signal { index, pid, signal: Signal::SIGKILL });
+            }
+            Life::Starting { probe: Some(p), .. } if p.at.is_some_and(|at| at <= now) => {
+                p.at = None;
+                actions.push(Action::Probe { index });
+            }
+            Life::Stopping { pid, kill_at, killed, .. } if !*killed && *kill_at <= now => {
+                *killed = true;
+                actions.push(Action::Signal { index, pid: *pid, signal: Signal::SIGKILL });
+            }
+            _ => {}
+        }
+    }
+
+    /// In file order: the first singleton not up is spawned; the next waits for it.
+    fn boot(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        match self.entries.iter().position(|e| !matches!(e.life, Life::Up { .. })) {
+            None => {
+                self.phase = Phase::Running;
+                actions.push(Action::Booted);
+            }
+            Some(index) => {
+                if matches!(self.entries[index].life, Life::Waiting { not_before } if not_before <= now)
+                {
+                    actions.push(Action::Spawn { index });
+                }
+            }
+        }
+    }
+
+    /// In reverse order: the last singleton with a process is stopped; the ones before it wait.
+    fn stop_last(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        for e in &mut self.entries {
+            if matches!(e.life, Life::Waiting { .. }) {
+                e.life = Life::Finished;
+            }
+        }
+        let Some(index) = self.entries.iter().rposition(|e| e.pid().is_some()) else { return };
+        let e = &mut self.entries[index];
+        if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
+            let kill_at = now + e.spec.stop_timeout;
+            e.life = Life::Stopping { pid, kill_at, killed: false, boot_timeout: false };
+            actions.push(Action::Signal { index, pid, signal: e.spec.stop_signal.0 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

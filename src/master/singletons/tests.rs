@@ -1,0 +1,161 @@
+//! Singleton decisions, stepped with made-up instants.
+
+use super::*;
+use std::collections::BTreeMap;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn spec(name: &str, ready: Ready, restart: Restart) -> config::Singleton {
+    config::Singleton {
+        name: name.into(),
+        command: vec!["x".into()],
+        ready,
+        restart,
+        env: BTreeMap::new(),
+        min_uptime: ms(1000),
+        boot_timeout: ms(30_000),
+        stop_signal: config::Signal(Signal::SIGTERM),
+        stop_timeout: ms(10_000),
+        restart_backoff: config::Backoff { initial: ms(100), max: ms(30_000), reset: ms(10_000) },
+    }
+}
+
+fn spawns(actions: &[Action]) -> Vec<usize> {
+    actions
+        .iter()
+        .filter_map(|a| if let Action::Spawn { index } = a { Some(*index) } else { None })
+        .collect()
+}
+
+fn pid(n: i32) -> Pid {
+    Pid::from_raw(n)
+}
+
+#[test]
+fn boot_starts_them_in_order_each_ready_before_the_next() {
+    let t = Instant::now();
+    let sock = Ready::UnixSocket("/run/flow.sock".into());
+    let mut s = Singletons::new(
+        &[spec("flow", sock, Restart::Always), spec("sched", Ready::Notify, Restart::Always)],
+        t,
+    );
+    assert_eq!(spawns(&s.step(t)), [0]);
+    s.spawned(0, pid(10), t);
+    assert_eq!(s.step(t), vec![], "the second waits for the first");
+    assert_eq!(s.next_deadline(), Some(t + ms(5)));
+    assert_eq!(s.step(t + ms(5)), vec![Action::Probe { index: 0 }]);
+    s.probed(0, false, t + ms(6));
+    assert_eq!(s.next_deadline(), Some(t + ms(16)));
+    assert_eq!(s.step(t + ms(16)), vec![Action::Probe { index: 0 }]);
+    s.probed(0, true, t + ms(17));
+    assert_eq!(
+        s.step(t + ms(17)),
+        vec![Action::Up { index: 0, pid: pid(10) }, Action::Spawn { index: 1 }]
+    );
+    s.spawned(1, pid(11), t + ms(17));
+    assert!(!s.notified_ready(pid(10), t + ms(20)), "READY=1 only counts in notify mode");
+    assert!(s.notified_ready(pid(11), t + ms(20)));
+    assert_eq!(s.step(t + ms(20)), vec![Action::Up { index: 1, pid: pid(11) }, Action::Booted]);
+    assert_eq!(s.phase(), Phase::Running);
+    assert_eq!(s.next_deadline(), None);
+}
+
+#[test]
+fn a_singleton_that_dies_or_times_out_at_boot_fails_the_boot() {
+    let t = Instant::now();
+    let mut s = Singletons::new(&[spec("a", Ready::Notify, Restart::Always)], t);
+    s.step(t);
+    s.spawned(0, pid(10), t);
+    let late = t + ms(30_000);
+    assert_eq!(
+        s.step(late),
+        vec![Action::Signal { index: 0, pid: pid(10), signal: Signal::SIGKILL }]
+    );
+    s.exited(pid(10), ExitStatus::Signal(Signal::SIGKILL), late);
+    assert_eq!(
+        s.step(late),
+        vec![Action::BootFailed {
+            index: 0,
+            why: "not ready within its boot_timeout (30s)".into()
+        }]
+    );
+
+    let mut s = Singletons::new(&[spec("a", Ready::Spawn, Restart::Always)], t);
+    s.step(t);
+    s.spawned(0, pid(10), t);
+    s.exited(pid(10), ExitStatus::Code(2), t + ms(10));
+    assert_eq!(
+        s.step(t + ms(10)),
+        vec![Action::BootFailed { index: 0, why: "exited with code 2 before it was ready".into() }]
+    );
+}
+
+#[test]
+fn restart_policy_and_backoff_with_one_instance_at_a_time() {
+    let t = Instant::now();
+    let mut s = Singletons::new(
+        &[
+            spec("always", Ready::Spawn, Restart::Always),
+            spec("onfail", Ready::Spawn, Restart::OnFailure),
+            spec("never", Ready::Spawn, Restart::Never),
+        ],
+        t,
+    );
+    let mut now = t;
+    for i in 0..3 {
+        s.step(now);
+        s.spawned(i, pid(10 + i as i32), now);
+        now += ms(1000);
+        s.step(now);
+    }
+    assert_eq!(s.phase(), Phase::Running);
+    // Each exits cleanly.
+    let e = s.exited(pid(10), ExitStatus::Code(0), now).unwrap();
+    assert_eq!(e.restart_in, Some(ms(0)));
+    assert_eq!(s.exited(pid(11), ExitStatus::Code(0), now).unwrap().restart_in, None);
+    assert_eq!(s.exited(pid(12), ExitStatus::Code(1), now).unwrap().restart_in, None);
+    assert_eq!(spawns(&s.step(now)), [0]);
+    s.spawned(0, pid(20), now);
+    assert_eq!(spawns(&s.step(now)), Vec::<usize>::new(), "never two instances");
+    // It dies again before a healthy run: backoff.
+    let e = s.exited(pid(20), ExitStatus::Signal(Signal::SIGKILL), now + ms(50)).unwrap();
+    assert_eq!(e.restart_in, Some(ms(100)));
+    assert_eq!(s.entries()[1].life, Life::Finished);
+}
+
+#[test]
+fn stop_goes_in_reverse_order_each_gone_before_the_previous() {
+    let t = Instant::now();
+    let mut s = Singletons::new(
+        &[spec("a", Ready::Spawn, Restart::Always), spec("b", Ready::Spawn, Restart::Always)],
+        t,
+    );
+    s.step(t);
+    s.spawned(0, pid(10), t);
+    s.step(t + ms(1000));
+    s.spawned(1, pid(11), t + ms(1000));
+    s.step(t + ms(2000));
+    s.stop();
+    let now = t + ms(3000);
+    assert_eq!(
+        s.step(now),
+        vec![Action::Signal { index: 1, pid: pid(11), signal: Signal::SIGTERM }]
+    );
+    assert_eq!(s.step(now), vec![]);
+    assert_eq!(s.next_deadline(), Some(now + ms(10_000)));
+    assert_eq!(
+        s.step(now + ms(10_000)),
+        vec![Action::Signal { index: 1, pid: pid(11), signal: Signal::SIGKILL }]
+    );
+    let e = s.exited(pid(11), ExitStatus::Signal(Signal::SIGKILL), now + ms(10_001)).unwrap();
+    assert!(e.stopped && e.restart_in.is_none());
+    assert_eq!(
+        s.step(now + ms(10_001)),
+        vec![Action::Signal { index: 0, pid: pid(10), signal: Signal::SIGTERM }]
+    );
+    assert!(!s.is_done());
+    s.exited(pid(10), ExitStatus::Code(0), now + ms(10_002));
+    assert!(s.is_done());
+}
