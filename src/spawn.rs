@@ -8,7 +8,7 @@
 //! (it closes at a successful `execve`) and turns it into a [`SpawnError`].
 //!
 //! What every child gets, in order: its own process group; default signal dispositions and an
-//! empty signal mask; the umask; `PR_SET_PDEATHSIG(SIGKILL)` followed by a `getppid()`
+//! empty signal mask; the umask; its user and groups; `PR_SET_PDEATHSIG(SIGKILL)` followed by a `getppid()`
 //! re-check (so a master that died during the fork cannot leave an orphan); its directory; the
 //! listeners at fds 3, 4, ...; every other fd above them marked close-on-exec; and, when asked,
 //! `LISTEN_PID` set to its own pid.
@@ -53,6 +53,67 @@ pub struct Command {
     /// Index in `env` of the `LISTEN_PID=` entry to fill in the child, if any.
     listen_pid: Option<usize>,
     umask: Option<u32>,
+    credentials: Option<Credentials>,
+}
+
+/// How every child of a kind is set up, beyond its command and environment.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Add `LISTEN_PID` with the child's own pid (workers with listeners).
+    pub listen_pid: bool,
+    pub umask: Option<u32>,
+    /// Drop to these before exec (the master may keep root).
+    pub credentials: Option<Credentials>,
+}
+
+/// The user and groups a child runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the user's, from the group database).
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// Looks up `user` and `group` (either may be absent); `None` when both are.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
+        use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+        if user.is_none() && group.is_none() {
+            return Ok(None);
+        }
+        let found = match user {
+            Some(name) => Some(
+                User::from_name(name)
+                    .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
+                    .ok_or_else(|| format!("no such user {name:?}"))?,
+            ),
+            None => None,
+        };
+        let gid = match group {
+            Some(name) => {
+                Group::from_name(name)
+                    .map_err(|e| format!("cannot look up group {name:?}: {e}"))?
+                    .ok_or_else(|| format!("no such group {name:?}"))?
+                    .gid
+            }
+            None => found.as_ref().map_or(Gid::current(), |u| u.gid),
+        };
+        let uid = found.as_ref().map_or(Uid::current(), |u| u.uid);
+        let groups = match &found {
+            Some(u) => {
+                let name = CString::new(u.name.as_bytes()).map_err(|_| "user name holds NUL")?;
+                getgrouplist(&name, gid)
+                    .map_err(|e| format!("cannot list the groups of {:?}: {e}", u.name))?
+            }
+            None => vec![gid],
+        };
+        Ok(Some(Credentials {
+            uid: uid.as_raw(),
+            gid: gid.as_raw(),
+            groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        }))
+    }
 }
 
 /// Width reserved for the digits of `LISTEN_PID` (a pid fits in 10).
@@ -61,13 +122,12 @@ const PID_DIGITS: usize = 20;
 impl Command {
     /// Resolves `argv[0]` (relative to `dir` when it holds a `/`, else through the `PATH` of
     /// `env`) and builds everything the child needs. `env` is the complete environment; when
-    /// `listen_pid` is set a `LISTEN_PID` entry holding the child's own pid is added.
+    /// `setup.listen_pid` is set a `LISTEN_PID` entry holding the child's own pid is added.
     pub fn prepare(
         argv: &[String],
         env: &[(String, String)],
         dir: &Path,
-        listen_pid: bool,
-        umask: Option<u32>,
+        setup: &Setup,
     ) -> Result<Command, SpawnError> {
         let first = argv.first().filter(|p| !p.is_empty()).ok_or(SpawnError::Empty)?;
         let nul = || SpawnError::Nul { program: first.clone() };
@@ -82,7 +142,7 @@ impl Command {
             }
             envs.push(entry);
         }
-        let listen_pid = listen_pid.then(|| {
+        let listen_pid = setup.listen_pid.then(|| {
             let mut entry = b"LISTEN_PID=".to_vec();
             entry.resize(entry.len() + PID_DIGITS, b'0');
             envs.push(entry);
@@ -99,7 +159,8 @@ impl Command {
             argv: argv.iter().map(|a| cstr(a.as_bytes())).collect::<Result<_, _>>()?,
             env: envs,
             listen_pid,
-            umask,
+            umask: setup.umask,
+            credentials: setup.credentials.clone(),
         })
     }
 
@@ -129,6 +190,7 @@ impl Command {
             scratch: scratch.as_mut_ptr(),
             listen_pid: listen_pid_ptr,
             umask: self.umask,
+            credentials: self.credentials.as_ref(),
             parent: nix::unistd::getpid().as_raw(),
             report: err_write.as_raw_fd(),
         };
@@ -146,6 +208,7 @@ impl Command {
             Step::Chdir => SpawnError::Chdir { dir: self.dir_path.clone(), source },
             Step::Fds => SpawnError::Setup { step: "placing the listeners", source },
             Step::Group => SpawnError::Setup { step: "setpgid", source },
+            Step::Credentials => SpawnError::Setup { step: "dropping privileges", source },
             Step::Orphan => SpawnError::Setup { step: "the master died during the spawn", source },
         }
     }
@@ -160,6 +223,7 @@ enum Step {
     Chdir = 3,
     Fds = 4,
     Exec = 5,
+    Credentials = 6,
 }
 
 /// Everything the child touches, as raw pointers into memory prepared before the fork.
@@ -172,6 +236,7 @@ struct ChildPlan<'a> {
     scratch: *mut RawFd,
     listen_pid: *mut u8,
     umask: Option<u32>,
+    credentials: Option<&'a Credentials>,
     parent: libc::pid_t,
     report: RawFd,
 }
@@ -234,6 +299,16 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     if let Some(mask) = plan.umask {
         libc::umask(mask as libc::mode_t);
     }
+    if let Some(c) = plan.credentials {
+        // Groups first, while still privileged; then the gid; the uid last.
+        if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0 && c.uid != libc::geteuid()
+            || libc::setgid(c.gid) != 0
+            || libc::setuid(c.uid) != 0
+        {
+            fail(Step::Credentials);
+        }
+    }
+    // Armed after the privilege drop, which clears it.
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
     if libc::getppid() != plan.parent {
         fail(Step::Orphan);
@@ -340,6 +415,7 @@ fn read_report(read: OwnedFd) -> Option<(Step, i32)> {
         2 => Step::Orphan,
         3 => Step::Chdir,
         4 => Step::Fds,
+        6 => Step::Credentials,
         _ => Step::Exec,
     };
     Some((step, i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])))

@@ -1,16 +1,22 @@
 //! The master: one thread, one `poll` loop, one reaper.
 //!
-//! [`run`] does the startup of DESIGN.md §2 (pidfile, listeners, then the workers) and then
-//! loops: step the [`pool`] and perform its actions, poll with the nearest deadline as the
-//! timeout (none when idle: an idle master sleeps until a signal arrives), drain the signals,
-//! reap. Decisions live in [`pool`]; this module only performs them and logs.
+//! [`run`] takes the pidfile and binds the listeners, then loops: step what the current
+//! [`Stage`] allows (the hook runs, the [`singletons`], the worker [`pool`]) and perform their
+//! actions, move to the next stage when the current one is over, then sleep in `poll` until a
+//! signal, a child's notification or the nearest deadline (none when idle: an idle master
+//! sleeps until something happens). Decisions live in the submodules; this one performs them.
+//!
+//! The stages follow DESIGN.md §2: `on_starting` hooks → singletons in file order → workers →
+//! running; on the way out, workers → singletons in reverse → `on_exit` hooks (whenever
+//! `on_starting` ran) → the children reparented to the master are killed → exit.
 
+mod children;
 pub mod hooks;
 pub mod pool;
 pub mod singletons;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -22,14 +28,16 @@ use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{self, Config};
-use crate::environment::{Environment, WorkerVars};
+use crate::environment::Environment;
 use crate::listener::{self, BindError, Listener};
 use crate::logs::Sink;
 use crate::notify::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PidfileError};
 use crate::signals::{Event, Signals};
-use crate::spawn::{Command, SpawnError};
-use pool::{Action, Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
+use crate::spawn::Credentials;
+use hooks::{HookRun, Outcome, Point};
+use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
+use singletons::Singletons;
 
 /// Why the master could not start (exit 3) or failed while running (exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +48,10 @@ pub enum MasterError {
     Bind(#[from] BindError),
     #[error("worker command `{command}` failed to boot {attempts} times in a row in slot {slot}; last: {last}")]
     Boot { command: String, slot: usize, attempts: u32, last: ExitStatus },
+    #[error("on_starting hook `{command}` failed: {status}")]
+    Hook { command: String, status: String },
+    #[error("singleton {name} could not start: {why}")]
+    Singleton { name: String, why: String },
     #[error("cannot set up the master: {0}")]
     Setup(String),
     #[error("the master failed: {0}")]
@@ -62,36 +74,93 @@ pub struct Options {
     pub log_sink: Sink,
 }
 
+/// Where the master is in its life (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    OnStarting,
+    Singletons,
+    Workers,
+    Running,
+    StoppingWorkers,
+    StoppingSingletons,
+    OnExit,
+    /// Killing what was reparented to the master; done when no child is left.
+    Sweep,
+    Done,
+}
+
+impl Stage {
+    fn runs_singletons(self) -> bool {
+        matches!(
+            self,
+            Stage::Singletons
+                | Stage::Workers
+                | Stage::Running
+                | Stage::StoppingWorkers
+                | Stage::StoppingSingletons
+        )
+    }
+
+    fn runs_workers(self) -> bool {
+        matches!(self, Stage::Workers | Stage::Running | Stage::StoppingWorkers)
+    }
+
+    fn stopping(self) -> bool {
+        matches!(
+            self,
+            Stage::StoppingWorkers
+                | Stage::StoppingSingletons
+                | Stage::OnExit
+                | Stage::Sweep
+                | Stage::Done
+        )
+    }
+}
+
 /// Runs the master until it stops. `Ok` is a clean stop (exit 0).
 pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
-    let signals =
-        Signals::install().map_err(|e| MasterError::Setup(format!("signal handlers: {e}")))?;
-    nix::sys::prctl::set_child_subreaper(true)
-        .map_err(|e| MasterError::Setup(format!("subreaper: {e}")))?;
+    let setup = |what: &str, e: String| MasterError::Setup(format!("{what}: {e}"));
+    let signals = Signals::install().map_err(|e| setup("signal handlers", e.to_string()))?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| setup("subreaper", e.to_string()))?;
+    let credentials = Credentials::resolve(config.user.as_deref(), config.group.as_deref())
+        .map_err(|e| setup("user", e))?;
     let pidfile = config.pidfile.as_deref().map(Pidfile::acquire).transpose()?;
     let listeners = listener::bind_all(&config.listen)?;
     for l in &listeners {
-        info!(name = %l.name, address = %l.local_addr().unwrap_or_else(|_| l.address.to_string()), "listening");
+        let address = l.local_addr().unwrap_or_else(|_| l.address.to_string());
+        info!(name = %l.name, %address, "listening");
     }
-    let notify = NotifySocket::create()
-        .map_err(|e| MasterError::Setup(format!("notification socket: {e}")))?;
+    let notify = NotifySocket::create().map_err(|e| setup("notification socket", e.to_string()))?;
+    if let Some(c) = &credentials {
+        // Children that dropped privileges must still reach the notification socket.
+        let (uid, gid) = (Some(c.uid.into()), Some(c.gid.into()));
+        nix::unistd::chown(notify.dir(), uid, gid)
+            .map_err(|e| setup("runtime dir", e.to_string()))?;
+    }
     let mut base_env = Environment::inherited(std::env::vars());
     base_env.set("NOTIFY_SOCKET", notify.path().display());
-    let pool = Pool::new(config.workers.count, Policy::from_config(&config));
+    base_env.set("PRESUP_MASTER_PID", std::process::id());
+    let now = Instant::now();
+    let on_starting =
+        HookRun::new(Point::OnStarting, config.hooks.on_starting.clone(), vec![], now);
     let mut master = Master {
-        base_env,
-        notify,
+        pool: Pool::new(config.workers.count, Policy::from_config(&config)),
+        singletons: Singletons::new(&config.singleton, now),
+        runs: vec![on_starting],
+        stage: Stage::OnStarting,
+        on_starting_ran: !config.hooks.on_starting.is_empty(),
+        pending_reload: None,
+        children: children::Children { base_env, credentials, master_pid: std::process::id() },
         statuses: BTreeMap::new(),
-        master_pid: std::process::id(),
         config,
         options,
         listeners,
-        pool,
         signals,
+        notify,
         pidfile,
         failure: None,
     };
-    info!(pid = master.master_pid, workers = master.pool.target(), "master started");
+    info!(pid = std::process::id(), workers = master.pool.target(), "master started");
     let result = master.run_loop();
     if let Some(mut p) = master.pidfile.take() {
         p.remove();
@@ -102,16 +171,23 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
 struct Master {
     config: Config,
     options: Options,
+    stage: Stage,
     listeners: Vec<Listener>,
     pool: Pool,
+    singletons: Singletons,
+    /// Hook runs under way (the finished ones are dropped).
+    runs: Vec<HookRun>,
+    /// Whether `on_starting` ran (so `on_exit` must).
+    on_starting_ran: bool,
+    /// A valid new config waiting for its `on_reload` hooks.
+    pending_reload: Option<Config>,
+    children: children::Children,
     signals: Signals,
     notify: NotifySocket,
-    /// The last `STATUS=` each worker sent.
+    /// The last `STATUS=` each child sent.
     statuses: BTreeMap<Pid, String>,
     pidfile: Option<Pidfile>,
-    base_env: Environment,
-    master_pid: u32,
-    /// Set when the boot failed: the master stops its workers, then exits with it.
+    /// Why the master is stopping, when it is a failure: its exit code once all is stopped.
     failure: Option<MasterError>,
 }
 
@@ -119,7 +195,7 @@ impl Master {
     fn run_loop(&mut self) -> Result<(), MasterError> {
         loop {
             self.perform_due_actions();
-            if self.pool.is_done() {
+            if self.stage == Stage::Done {
                 info!("master stopped");
                 return self.failure.take().map_or(Ok(()), Err);
             }
@@ -133,22 +209,87 @@ impl Master {
         }
     }
 
-    /// Steps the pool until it has nothing more to do right now.
+    /// Steps everything the stage allows until nothing more is due right now.
     fn perform_due_actions(&mut self) {
         loop {
-            let actions = self.pool.step(Instant::now());
-            if actions.is_empty() {
-                return;
+            let now = Instant::now();
+            let mut busy = self.step_hooks(now);
+            if self.stage.runs_singletons() {
+                busy |= self.step_singletons(now);
             }
-            for action in actions {
-                self.perform(action);
+            if self.stage.runs_workers() {
+                busy |= self.step_pool(now);
+            }
+            busy |= self.advance(now);
+            if !busy {
+                return;
             }
         }
     }
 
-    /// Sleeps in `poll` until a signal or the pool's next deadline.
+    /// Moves to the next stage when the current one is over; true if it moved.
+    fn advance(&mut self, now: Instant) -> bool {
+        let next = match self.stage {
+            Stage::OnStarting if self.runs.iter().all(|r| r.point != Point::OnStarting) => {
+                Stage::Singletons
+            }
+            Stage::StoppingWorkers if self.pool.is_done() => {
+                self.singletons.stop(false, now);
+                Stage::StoppingSingletons
+            }
+            Stage::StoppingSingletons if self.singletons.is_done() => {
+                if self.on_starting_ran {
+                    self.start_hooks(Point::OnExit, vec![], now);
+                }
+                Stage::OnExit
+            }
+            Stage::OnExit if self.runs.is_empty() => {
+                self.kill_orphans();
+                Stage::Sweep
+            }
+            Stage::Sweep if children::of(std::process::id()).is_empty() => Stage::Done,
+            _ => return false,
+        };
+        debug!(from = ?self.stage, to = ?next, "stage");
+        self.stage = next;
+        true
+    }
+
+    /// Begins the way out: workers first, then singletons, then `on_exit`.
+    fn stop(&mut self, fast: bool, now: Instant) {
+        if self.stage == Stage::OnStarting {
+            for run in &mut self.runs {
+                if let Some(pid) = run.abandon() {
+                    let _ = killpg(pid, Signal::SIGKILL);
+                }
+            }
+        }
+        if fast {
+            // Hooks other than on_exit are not waited for in a fast stop.
+            for run in self.runs.iter_mut().filter(|r| r.point != Point::OnExit) {
+                if let Some(pid) = run.abandon() {
+                    let _ = killpg(pid, Signal::SIGKILL);
+                }
+            }
+        }
+        self.pool.stop(fast, now);
+        if self.stage == Stage::StoppingSingletons {
+            self.singletons.stop(fast, now);
+        }
+        if !self.stage.stopping() {
+            self.stage = Stage::StoppingWorkers;
+        }
+    }
+
+    fn fail(&mut self, e: MasterError, now: Instant) {
+        error!("{e}; stopping");
+        self.failure.get_or_insert(e);
+        self.stop(false, now);
+    }
+
+    /// Sleeps in `poll` until a signal, a notification or the nearest deadline.
     fn wait(&mut self) -> Result<(), MasterError> {
-        let timeout = match self.pool.next_deadline() {
+        let timeout = match self.next_deadline() {
             None => PollTimeout::NONE,
             Some(at) => {
                 let d = at.saturating_duration_since(Instant::now());
@@ -167,37 +308,195 @@ impl Master {
         }
     }
 
-    fn perform(&mut self, action: Action) {
-        match action {
-            Action::Spawn { slot, generation } => self.spawn_worker(slot, generation),
-            Action::Signal { pid, slot, signal, why } => {
-                debug!(slot, pid = pid.as_raw(), signal = signal.as_str(), why = ?why, "signalling worker");
-                if why == StopWhy::Retired || why == StopWhy::Surplus {
-                    info!(slot, pid = pid.as_raw(), signal = signal.as_str(), reason = ?why, "stopping worker");
+    fn next_deadline(&self) -> Option<Instant> {
+        let runs = self.runs.iter().filter_map(HookRun::next_deadline);
+        let singletons = self.stage.runs_singletons().then(|| self.singletons.next_deadline());
+        let pool = self.stage.runs_workers().then(|| self.pool.next_deadline());
+        // The sweep waits for SIGCHLD, with a fallback in case a child ignores nothing but
+        // takes a moment to be reaped by the kernel.
+        let sweep =
+            (self.stage == Stage::Sweep).then(|| Instant::now() + Duration::from_millis(50));
+        runs.chain(singletons.flatten()).chain(pool.flatten()).chain(sweep).min()
+    }
+
+    // ---- hooks ----
+
+    fn start_hooks(&mut self, point: Point, env: Vec<(String, String)>, now: Instant) {
+        let hooks = point.hooks(&self.config.hooks).to_vec();
+        if !hooks.is_empty() {
+            info!(hook = point.name(), commands = hooks.len(), "running hooks");
+            self.runs.push(HookRun::new(point, hooks, env, now));
+        }
+    }
+
+    fn step_hooks(&mut self, now: Instant) -> bool {
+        let mut busy = false;
+        for i in 0..self.runs.len() {
+            for action in self.runs[i].step(now) {
+                busy = true;
+                match action {
+                    hooks::Action::Spawn { index, attempt } => {
+                        self.spawn_hook(i, index, attempt, now)
+                    }
+                    hooks::Action::Kill { pid } => {
+                        warn!(
+                            hook = self.runs[i].point.name(),
+                            pid = pid.as_raw(),
+                            "hook timed out; killing it"
+                        );
+                        let _ = killpg(pid, Signal::SIGKILL);
+                    }
                 }
-                // The group is gone if every process in it died: the reaper will tell.
-                let _ = killpg(pid, signal);
             }
-            Action::Booted => {
-                info!(
-                    workers = self.pool.target(),
-                    generation = self.pool.generation(),
-                    "ready: all workers up"
-                );
+        }
+        let finished: Vec<HookRun> = extract_if(&mut self.runs, HookRun::is_done);
+        for run in finished {
+            busy = true;
+            self.hook_run_done(run, now);
+        }
+        busy
+    }
+
+    fn spawn_hook(&mut self, run: usize, index: usize, attempt: u32, now: Instant) {
+        let r = &self.runs[run];
+        let hook = &r.hooks[index];
+        let result = self.children.hook(r.point, hook, &r.env, &self.config);
+        let point = r.point.name();
+        match result {
+            Ok(pid) => {
+                info!(hook = point, pid = pid.as_raw(), attempt, command = %hook.command.join(" "), "hook started");
+                self.runs[run].spawned(pid, now);
             }
-            Action::BootFailed { slot, attempts, last } => {
-                let command = self.config.workers.command.join(" ");
-                let e = MasterError::Boot { command, slot, attempts, last };
-                error!("{e}; stopping");
-                self.failure = Some(e);
+            Err(e) => {
+                error!(hook = point, "cannot start hook: {e}");
+                self.runs[run].finished(&Outcome { ok: false, status: e.to_string() }, now);
             }
         }
     }
 
-    fn spawn_worker(&mut self, slot: usize, generation: u64) {
-        let now = Instant::now();
-        let fds: Vec<RawFd> = self.listeners.iter().map(AsRawFd::as_raw_fd).collect();
-        match self.worker_command(slot, generation).and_then(|c| c.spawn(&fds)) {
+    fn hook_exited(&mut self, pid: Pid, status: &ExitStatus, now: Instant) -> bool {
+        let Some(run) = self.runs.iter_mut().find(|r| r.pid() == Some(pid)) else { return false };
+        let ok = *status == ExitStatus::Code(0);
+        let point = run.point.name();
+        if ok {
+            info!(hook = point, pid = pid.as_raw(), "hook {status}");
+        } else {
+            warn!(hook = point, pid = pid.as_raw(), "hook {status}");
+        }
+        run.finished(&Outcome { ok, status: status.to_string() }, now);
+        true
+    }
+
+    fn hook_run_done(&mut self, run: HookRun, now: Instant) {
+        let point = run.point;
+        if let Some((index, outcome)) = run.failure() {
+            let command = run.hooks[*index].command.join(" ");
+            if point == Point::OnStarting && !self.stage.stopping() {
+                let e = MasterError::Hook { command, status: outcome.status.clone() };
+                self.fail(e, now);
+            } else {
+                warn!(
+                    hook = point.name(),
+                    "hook `{command}` failed: {}; carrying on", outcome.status
+                );
+            }
+        }
+        if point == Point::OnReload {
+            if let Some(new) = self.pending_reload.take() {
+                self.apply_reload(new);
+            }
+        }
+    }
+
+    // ---- singletons ----
+
+    fn step_singletons(&mut self, now: Instant) -> bool {
+        let actions = self.singletons.step(now);
+        let busy = !actions.is_empty();
+        for action in actions {
+            match action {
+                singletons::Action::Spawn { index } => {
+                    let spec = &self.singletons.entries()[index].spec;
+                    match self.children.singleton(spec, &self.config) {
+                        Ok(pid) => {
+                            info!(singleton = %spec.name, pid = pid.as_raw(), "singleton spawned");
+                            self.singletons.spawned(index, pid, now);
+                        }
+                        Err(e) => {
+                            error!(singleton = %spec.name, "cannot start singleton: {e}");
+                            self.singletons.spawn_failed(index, e.to_string(), now);
+                        }
+                    }
+                }
+                singletons::Action::Probe { index } => {
+                    let ok = children::probe(&self.singletons.entries()[index].spec.ready);
+                    self.singletons.probed(index, ok, now);
+                }
+                singletons::Action::Signal { index, pid, signal } => {
+                    let name = &self.singletons.entries()[index].spec.name;
+                    info!(singleton = %name, pid = pid.as_raw(), signal = signal.as_str(), "stopping singleton");
+                    let _ = killpg(pid, signal);
+                }
+                singletons::Action::Up { index, pid } => {
+                    let name = &self.singletons.entries()[index].spec.name;
+                    info!(singleton = %name, pid = pid.as_raw(), "singleton ready");
+                }
+                singletons::Action::Booted => {
+                    if self.stage == Stage::Singletons {
+                        self.stage = Stage::Workers;
+                    }
+                }
+                singletons::Action::BootFailed { index, why } => {
+                    let name = self.singletons.entries()[index].spec.name.clone();
+                    self.fail(MasterError::Singleton { name, why }, now);
+                }
+            }
+        }
+        busy
+    }
+
+    // ---- workers ----
+
+    fn step_pool(&mut self, now: Instant) -> bool {
+        let actions = self.pool.step(now);
+        let busy = !actions.is_empty();
+        for action in actions {
+            match action {
+                pool::Action::Spawn { slot, generation } => {
+                    self.spawn_worker(slot, generation, now)
+                }
+                pool::Action::Signal { pid, slot, signal, why } => {
+                    if why == StopWhy::Retired || why == StopWhy::Surplus {
+                        info!(slot, pid = pid.as_raw(), signal = signal.as_str(), reason = ?why, "stopping worker");
+                    }
+                    // The group is gone if every process in it died: the reaper will tell.
+                    let _ = killpg(pid, signal);
+                }
+                pool::Action::Booted => {
+                    let (workers, generation) = (self.pool.target(), self.pool.generation());
+                    info!(
+                        workers,
+                        singletons = self.singletons.up_count(),
+                        generation,
+                        "ready: all workers up"
+                    );
+                    if self.stage == Stage::Workers {
+                        self.stage = Stage::Running;
+                        self.start_hooks(Point::WhenReady, vec![], now);
+                    }
+                }
+                pool::Action::BootFailed { slot, attempts, last } => {
+                    let command = self.config.workers.command.join(" ");
+                    self.fail(MasterError::Boot { command, slot, attempts, last }, now);
+                }
+            }
+        }
+        busy
+    }
+
+    fn spawn_worker(&mut self, slot: usize, generation: u64, now: Instant) {
+        let count = self.pool.target();
+        match self.children.worker(slot, count, generation, &self.config, &self.listeners) {
             Ok(pid) => {
                 info!(slot, pid = pid.as_raw(), generation, "worker spawned");
                 self.pool.spawned(slot, generation, pid, now);
@@ -209,25 +508,7 @@ impl Master {
         }
     }
 
-    fn worker_command(&self, slot: usize, generation: u64) -> Result<Command, SpawnError> {
-        let names: Vec<String> = self.listeners.iter().map(|l| l.name.clone()).collect();
-        let mut env = self.base_env.clone();
-        env.extend(&self.config.workers.env).worker(&WorkerVars {
-            slot,
-            count: self.pool.target(),
-            generation,
-            master_pid: self.master_pid,
-            listener_names: &names,
-        });
-        let w = &self.config.workers;
-        Command::prepare(
-            &w.command,
-            &env.to_vec(),
-            &self.config.directory,
-            !names.is_empty(),
-            self.config.umask,
-        )
-    }
+    // ---- events ----
 
     fn on_signal(&mut self, event: Event, count: u32) {
         let now = Instant::now();
@@ -235,13 +516,13 @@ impl Master {
             Event::Chld => self.reap(),
             Event::Term => {
                 info!("TERM: graceful stop");
-                self.pool.stop(false, now);
+                self.stop(false, now);
             }
             Event::Int | Event::Quit => {
                 info!(signal = ?event, "fast stop");
-                self.pool.stop(true, now);
+                self.stop(true, now);
             }
-            Event::Hup => self.reload(),
+            Event::Hup => self.reload(now),
             Event::Ttin => {
                 self.pool.set_target(self.pool.target() + count as usize);
                 info!(workers = self.pool.target(), "TTIN: one worker more");
@@ -257,19 +538,25 @@ impl Master {
 
     /// Datagrams on the notification socket, attributed by the kernel to their sender.
     fn on_notify(&mut self, pid: Pid, messages: Vec<Message>) {
-        let Some(slot) = self.pool.workers().find(|(p, _)| *p == pid).map(|(_, w)| w.slot) else {
+        let slot = self.pool.workers().find(|(p, _)| *p == pid).map(|(_, w)| w.slot);
+        let singleton = self.singletons.index_of(pid);
+        if slot.is_none() && singleton.is_none() {
             debug!(pid = pid.as_raw(), "notification from a process that is not a child; ignored");
             return;
-        };
+        }
+        let now = Instant::now();
         for m in messages {
             match m {
-                Message::Ready => {
-                    if self.pool.notified_ready(pid, Instant::now()) {
+                Message::Ready if slot.is_some() => {
+                    if self.pool.notified_ready(pid, now) {
                         info!(slot, pid = pid.as_raw(), "worker up (READY=1)");
                     }
                 }
+                Message::Ready => {
+                    self.singletons.notified_ready(pid, now);
+                }
                 Message::Status(status) => {
-                    info!(slot, pid = pid.as_raw(), %status, "worker status");
+                    info!(slot, pid = pid.as_raw(), %status, "status");
                     self.statuses.insert(pid, status);
                 }
                 Message::Watchdog | Message::Stopping => {
@@ -282,31 +569,51 @@ impl Master {
     /// The one place that calls `waitpid`: reaps every child that has ended.
     fn reap(&mut self) {
         loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig)),
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Ok(_) => continue,
-                Err(Errno::EINTR) => continue,
+                Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("waitpid: {e}");
                     return;
                 }
             };
-            let (pid, status) = status;
             self.statuses.remove(&pid);
-            match self.pool.exited(pid, status.clone(), Instant::now()) {
-                Some(exit) => log_exit(&exit),
-                None => {
-                    debug!(pid = pid.as_raw(), "reaped a process that is not a worker ({status})")
-                }
+            let now = Instant::now();
+            if let Some(exit) = self.pool.exited(pid, status.clone(), now) {
+                log_exit(&exit);
+                self.worker_exit_hooks(&exit, now);
+            } else if let Some(exit) = self.singletons.exited(pid, status.clone(), now) {
+                let name = &self.singletons.entries()[exit.index].spec.name;
+                log_singleton_exit(name, pid, &exit);
+            } else if !self.hook_exited(pid, &status, now) {
+                debug!(
+                    pid = pid.as_raw(),
+                    "reaped a process that is not a child of presup's ({status})"
+                );
             }
         }
     }
 
+    fn worker_exit_hooks(&mut self, exit: &Exit, now: Instant) {
+        let mut env = vec![
+            ("PRESUP_WORKER_ID".to_owned(), exit.slot.to_string()),
+            ("PRESUP_WORKER_PID".to_owned(), exit.pid.to_string()),
+        ];
+        match &exit.status {
+            ExitStatus::Code(c) => env.push(("PRESUP_EXIT_CODE".to_owned(), c.to_string())),
+            ExitStatus::Signal(s) => {
+                env.push(("PRESUP_EXIT_SIGNAL".to_owned(), s.as_str().to_owned()))
+            }
+            ExitStatus::NotStarted(_) => return,
+        }
+        self.start_hooks(Point::WorkerExit, env, now);
+    }
+
     /// HUP: re-read the config; keep everything as it is if it is invalid.
-    fn reload(&mut self) {
-        if matches!(self.pool.phase(), pool::Phase::Stopping { .. }) {
+    fn reload(&mut self, now: Instant) {
+        if self.stage.stopping() {
             return;
         }
         let wc = std::env::var("WEB_CONCURRENCY").ok();
@@ -324,10 +631,27 @@ impl Master {
                 return;
             }
         };
+        if new.workers.count > 0 && new.workers.command.is_empty() {
+            error!(
+                "reload rejected: workers.command: missing required key; keeping the running one"
+            );
+            return;
+        }
         if let Err(e) = self.rebind(&new) {
             error!("reload rejected: {e}; keeping the running config");
             return;
         }
+        let has_hooks = !new.hooks.on_reload.is_empty();
+        self.config.hooks.on_reload = new.hooks.on_reload.clone();
+        if has_hooks {
+            self.pending_reload = Some(new);
+            self.start_hooks(Point::OnReload, vec![], now);
+        } else {
+            self.apply_reload(new);
+        }
+    }
+
+    fn apply_reload(&mut self, new: Config) {
         self.pool.reload(new.workers.count, Policy::from_config(&new));
         self.config = new;
         info!(generation = self.pool.generation(), workers = self.pool.target(), "HUP: reloading");
@@ -361,11 +685,29 @@ impl Master {
         if let Err(e) = self.options.log_sink.reopen() {
             error!("USR1: cannot reopen the log file: {e}");
         }
-        info!("USR1: log reopened, forwarded to the workers");
-        for (pid, _) in self.pool.workers() {
+        info!("USR1: log reopened, forwarded to the workers and singletons");
+        let workers = self.pool.workers().map(|(pid, _)| pid);
+        let singletons = self.singletons.entries().iter().filter_map(|e| e.pid());
+        for pid in workers.chain(singletons).collect::<Vec<_>>() {
             let _ = kill(pid, Signal::SIGUSR1);
         }
     }
+
+    /// Kills whatever is left among the master's children: processes reparented to it (the
+    /// master is a subreaper) after their parent, a singleton or a worker, exited.
+    fn kill_orphans(&mut self) {
+        for pid in children::of(std::process::id()) {
+            warn!(pid = pid.as_raw(), "killing a leftover process reparented to the master");
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Takes the elements matching `pred` out of `v`, keeping the order of both.
+fn extract_if<T>(v: &mut Vec<T>, pred: impl Fn(&T) -> bool) -> Vec<T> {
+    let (out, keep): (Vec<T>, Vec<T>) = std::mem::take(v).into_iter().partition(|x| pred(x));
+    *v = keep;
+    out
 }
 
 fn log_exit(exit: &Exit) {
@@ -387,6 +729,18 @@ fn log_exit(exit: &Exit) {
     let died = matches!(exit.cause, Cause::Crash | Cause::BootFailure);
     if let (true, Some(d)) = (died, exit.restart_in) {
         info!(slot, "restart scheduled in {}", humantime::format_duration(round_ms(d)));
+    }
+}
+
+fn log_singleton_exit(name: &str, pid: Pid, exit: &singletons::Exit) {
+    let (pid, status) = (pid.as_raw(), &exit.status);
+    if exit.stopped {
+        info!(singleton = %name, pid, "singleton {status} (stopped)");
+    } else {
+        warn!(singleton = %name, pid, "singleton {status}");
+    }
+    if let Some(d) = exit.restart_in {
+        info!(singleton = %name, "restart scheduled in {}", humantime::format_duration(round_ms(d)));
     }
 }
 

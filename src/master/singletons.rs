@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 
 use crate::backoff::Backoff;
 use crate::config::{self, Ready, Restart};
-use crate::master::pool::ExitStatus;
+use crate::master::pool::{ExitStatus, FAST_STOP_GRACE};
 
 /// A singleton's state; each state carries its own data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +122,8 @@ pub struct Exit {
 pub struct Singletons {
     entries: Vec<Entry>,
     phase: Phase,
+    /// A fast stop was asked for.
+    fast: bool,
     pending: Vec<Action>,
 }
 
@@ -136,7 +138,7 @@ impl Singletons {
                 started: None,
             })
             .collect();
-        Singletons { entries, phase: Phase::Booting, pending: Vec::new() }
+        Singletons { entries, phase: Phase::Booting, fast: false, pending: Vec::new() }
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -156,9 +158,23 @@ impl Singletons {
         self.phase == Phase::Stopping && self.entries.iter().all(|e| e.pid().is_none())
     }
 
-    /// Stops them all, last first.
-    pub fn stop(&mut self) {
+    /// Stops them all, last first: with their `stop_signal` and `stop_timeout`, or, for a fast
+    /// stop, SIGQUIT and SIGKILL after [`FAST_STOP_GRACE`] (which also hurries one already
+    /// stopping).
+    pub fn stop(&mut self, fast: bool, now: Instant) {
         self.phase = Phase::Stopping;
+        self.fast |= fast;
+        if !fast {
+            return;
+        }
+        for (index, e) in self.entries.iter_mut().enumerate() {
+            if let Life::Stopping { pid, kill_at, killed: false, .. } = &mut e.life {
+                if *kill_at > now + FAST_STOP_GRACE {
+                    *kill_at = now + FAST_STOP_GRACE;
+                    self.pending.push(Action::Signal { index, pid: *pid, signal: Signal::SIGQUIT });
+                }
+            }
+        }
     }
 
     pub fn spawned(&mut self, index: usize, pid: Pid, now: Instant) {
@@ -343,9 +359,14 @@ impl Singletons {
         let Some(index) = self.entries.iter().rposition(|e| e.pid().is_some()) else { return };
         let e = &mut self.entries[index];
         if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
-            let kill_at = now + e.spec.stop_timeout;
-            e.life = Life::Stopping { pid, kill_at, killed: false, boot_timeout: false };
-            actions.push(Action::Signal { index, pid, signal: e.spec.stop_signal.0 });
+            let (signal, grace) = if self.fast {
+                (Signal::SIGQUIT, FAST_STOP_GRACE.min(e.spec.stop_timeout))
+            } else {
+                (e.spec.stop_signal.0, e.spec.stop_timeout)
+            };
+            e.life =
+                Life::Stopping { pid, kill_at: now + grace, killed: false, boot_timeout: false };
+            actions.push(Action::Signal { index, pid, signal });
         }
     }
 }

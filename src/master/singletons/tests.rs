@@ -137,8 +137,8 @@ fn stop_goes_in_reverse_order_each_gone_before_the_previous() {
     s.step(t + ms(1000));
     s.spawned(1, pid(11), t + ms(1000));
     s.step(t + ms(2000));
-    s.stop();
     let now = t + ms(3000);
+    s.stop(false, now);
     assert_eq!(
         s.step(now),
         vec![Action::Signal { index: 1, pid: pid(11), signal: Signal::SIGTERM }]

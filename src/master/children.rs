@@ -1,0 +1,140 @@
+//! Starting the master's three kinds of child (workers, singletons, hooks) with what each is
+//! given (DESIGN.md §6), and looking at the children from outside: readiness probes and the
+//! list of the master's live children.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use nix::unistd::Pid;
+
+use crate::config::{self, Config, Hook, Ready};
+use crate::environment::{Environment, WorkerVars};
+use crate::listener::Listener;
+use crate::master::hooks::Point;
+use crate::spawn::{Command, Credentials, Setup, SpawnError};
+
+/// What every child shares: the base environment (the master's, less systemd's variables,
+/// plus `NOTIFY_SOCKET` and `PRESUP_MASTER_PID`) and the privileges to drop to.
+pub struct Children {
+    pub base_env: Environment,
+    pub credentials: Option<Credentials>,
+    pub master_pid: u32,
+}
+
+impl Children {
+    fn setup(&self, config: &Config, listen_pid: bool) -> Setup {
+        Setup { listen_pid, umask: config.umask, credentials: self.credentials.clone() }
+    }
+
+    pub fn worker(
+        &self,
+        slot: usize,
+        count: usize,
+        generation: u64,
+        config: &Config,
+        listeners: &[Listener],
+    ) -> Result<Pid, SpawnError> {
+        let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+        let mut env = self.base_env.clone();
+        env.extend(&config.workers.env).worker(&WorkerVars {
+            slot,
+            count,
+            generation,
+            master_pid: self.master_pid,
+            listener_names: &names,
+        });
+        let setup = self.setup(config, !names.is_empty());
+        let command =
+            Command::prepare(&config.workers.command, &env.to_vec(), &config.directory, &setup)?;
+        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        command.spawn(&fds)
+    }
+
+    pub fn singleton(&self, spec: &config::Singleton, config: &Config) -> Result<Pid, SpawnError> {
+        let mut env = self.base_env.clone();
+        env.extend(&spec.env).set("PRESUP_SINGLETON", &spec.name);
+        let setup = self.setup(config, false);
+        Command::prepare(&spec.command, &env.to_vec(), &config.directory, &setup)?.spawn(&[])
+    }
+
+    pub fn hook(
+        &self,
+        point: Point,
+        hook: &Hook,
+        extra: &[(String, String)],
+        config: &Config,
+    ) -> Result<Pid, SpawnError> {
+        let mut env = self.base_env.clone();
+        env.extend(&hook.env).set("PRESUP_HOOK", point.name());
+        for (k, v) in extra {
+            env.set(k.clone(), v);
+        }
+        let setup = self.setup(config, false);
+        Command::prepare(&hook.command, &env.to_vec(), &config.directory, &setup)?.spawn(&[])
+    }
+}
+
+/// Whether a starting singleton's ready socket accepts a connection.
+pub fn probe(ready: &Ready) -> bool {
+    match ready {
+        Ready::UnixSocket(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+        // On the loopback a connect succeeds or is refused at once; the timeout only bounds
+        // the odd case of a remote address.
+        Ready::Tcp(addr) => {
+            std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_ok()
+        }
+        Ready::Spawn | Ready::Notify => false,
+    }
+}
+
+/// The live children of process `pid` (zombies included until they are reaped), from every
+/// one of its threads' `children` lists.
+pub fn of(pid: u32) -> Vec<Pid> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return scan_ppid(pid) };
+    let mut kids = Vec::new();
+    for task in tasks.flatten() {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(s) => {
+                kids.extend(s.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw))
+            }
+            Err(_) => return scan_ppid(pid),
+        }
+    }
+    kids
+}
+
+/// The slow way, for kernels without `/proc/PID/task/TID/children`.
+fn scan_ppid(parent: u32) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1));
+            ppid.and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_children_and_probes_sockets() {
+        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        let kids = of(std::process::id());
+        assert!(kids.contains(&Pid::from_raw(child.id() as i32)), "{kids:?}");
+        assert!(scan_ppid(std::process::id()).contains(&Pid::from_raw(child.id() as i32)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        assert!(!probe(&Ready::UnixSocket(path.clone())));
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(probe(&Ready::UnixSocket(path)));
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(probe(&Ready::Tcp(tcp.local_addr().unwrap())));
+    }
+}
