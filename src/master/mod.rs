@@ -273,7 +273,10 @@ impl Master {
             }
         }
         self.pool.stop(fast, now);
-        if self.stage == Stage::StoppingSingletons {
+        // Singletons not yet booted have no workers to outlive: they stop now (nothing more
+        // of theirs starts); booted ones wait for the workers to be gone.
+        let booted = !matches!(self.stage, Stage::OnStarting | Stage::Singletons);
+        if self.stage == Stage::StoppingSingletons || !booted {
             self.singletons.stop(fast, now);
         }
         if !self.stage.stopping() {
