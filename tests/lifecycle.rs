@@ -385,3 +385,52 @@ fn children_run_with_the_configured_user_and_umask() {
     assert_eq!(code, 2);
     assert!(err.contains("no such user \"no-such-user-presup\""), "{err}");
 }
+
+/// Sends `READY=1` to the master from the calling process (as every sd_notify library does).
+const NOTIFY_READY: &str = "import os, socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])";
+
+#[test]
+fn notify_readiness_counts_only_the_datagrams_of_the_child_itself() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    // A grandchild's READY=1 is not the worker's; the worker's own comes once `go` exists.
+    let worker = format!(
+        "python3 -c \"{NOTIFY_READY}\"\necho grandchild-sent >> events\nexec python3 -c \"import os, socket, time\nwhile not os.path.exists('go'): time.sleep(0.01)\n{NOTIFY_READY}\ntime.sleep(1000)\""
+    );
+    dir.script("worker.sh", &worker);
+    let toml = config(1, &[], &[]).replace("min_uptime", "ready = \"notify\"\nmin_uptime");
+    let presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("notification from a process that is not a child; ignored");
+    assert_eq!(presup.log.count("worker up (READY=1)"), 0);
+    assert_eq!(presup.log.count("ready: all workers up"), 0);
+    dir.write("go", "");
+    presup.log.wait_for("worker up (READY=1)");
+    presup.log.wait_for("ready: all workers up");
+}
+
+#[test]
+fn a_notify_singleton_is_ready_at_ready_1_and_a_tcp_one_when_its_port_accepts() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    dir.script("notifier.sh", &format!("echo \"start $PRESUP_SINGLETON $$\" >> events\nexec python3 -c \"import time\ntime.sleep(0.2)\n{NOTIFY_READY}\ntime.sleep(1000)\""));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    dir.script(
+        "server.sh",
+        &format!("echo \"start $PRESUP_SINGLETON $$\" >> events\nexec python3 -c \"import socket, time\ntime.sleep(0.2)\ns = socket.create_server(('127.0.0.1', {port}))\ntime.sleep(1000)\""),
+    );
+    let toml = format!(
+        "{}[[singleton]]\nname = \"a\"\ncommand = [\"./notifier.sh\"]\nready = \"notify\"\n[[singleton]]\nname = \"b\"\ncommand = [\"./server.sh\"]\nready = {{ tcp = \"127.0.0.1:{port}\" }}\n",
+        config(1, &[], &[])
+    );
+    let presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    let log = presup.log.lines();
+    let at = |needle: &str| {
+        log.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}"))
+    };
+    assert!(at("singleton ready singleton=a") < at("singleton spawned singleton=b"));
+    assert!(at("singleton ready singleton=b") < at("worker spawned"));
+}

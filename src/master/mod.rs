@@ -15,7 +15,7 @@ pub mod hooks;
 pub mod pool;
 pub mod singletons;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -159,6 +159,7 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
         notify,
         pidfile,
         failure: None,
+        swept: BTreeSet::new(),
     };
     info!(pid = std::process::id(), workers = master.pool.target(), "master started");
     let result = master.run_loop();
@@ -189,6 +190,8 @@ struct Master {
     pidfile: Option<Pidfile>,
     /// Why the master is stopping, when it is a failure: its exit code once all is stopped.
     failure: Option<MasterError>,
+    /// Leftover processes already sent SIGKILL by the sweep.
+    swept: BTreeSet<Pid>,
 }
 
 impl Master {
@@ -229,7 +232,8 @@ impl Master {
 
     /// Moves to the next stage when the current one is over; true if it moved.
     fn advance(&mut self, now: Instant) -> bool {
-        let next = match self.stage {
+        let stage = self.stage;
+        let next = match stage {
             Stage::OnStarting if self.runs.iter().all(|r| r.point != Point::OnStarting) => {
                 Stage::Singletons
             }
@@ -243,11 +247,10 @@ impl Master {
                 }
                 Stage::OnExit
             }
-            Stage::OnExit if self.runs.is_empty() => {
-                self.kill_orphans();
-                Stage::Sweep
-            }
-            Stage::Sweep if children::of(std::process::id()).is_empty() => Stage::Done,
+            Stage::OnExit if self.runs.is_empty() => Stage::Sweep,
+            // Killing an orphan can reparent its own children to the master: sweep again on
+            // every wake-up until none is left.
+            Stage::Sweep if !self.kill_orphans() => Stage::Done,
             _ => return false,
         };
         debug!(from = ?self.stage, to = ?next, "stage");
@@ -324,8 +327,19 @@ impl Master {
 
     // ---- hooks ----
 
+    /// Starts a run of `point`'s hooks of the running config.
     fn start_hooks(&mut self, point: Point, env: Vec<(String, String)>, now: Instant) {
         let hooks = point.hooks(&self.config.hooks).to_vec();
+        self.start_hook_run(point, hooks, env, now);
+    }
+
+    fn start_hook_run(
+        &mut self,
+        point: Point,
+        hooks: Vec<config::Hook>,
+        env: Vec<(String, String)>,
+        now: Instant,
+    ) {
         if !hooks.is_empty() {
             info!(hook = point.name(), commands = hooks.len(), "running hooks");
             self.runs.push(HookRun::new(point, hooks, env, now));
@@ -644,11 +658,11 @@ impl Master {
             error!("reload rejected: {e}; keeping the running config");
             return;
         }
-        let has_hooks = !new.hooks.on_reload.is_empty();
-        self.config.hooks.on_reload = new.hooks.on_reload.clone();
-        if has_hooks {
+        // The new config's on_reload hooks run before its workers replace the old ones.
+        let on_reload = new.hooks.on_reload.clone();
+        if !on_reload.is_empty() {
             self.pending_reload = Some(new);
-            self.start_hooks(Point::OnReload, vec![], now);
+            self.start_hook_run(Point::OnReload, on_reload, vec![], now);
         } else {
             self.apply_reload(new);
         }
@@ -697,12 +711,17 @@ impl Master {
     }
 
     /// Kills whatever is left among the master's children: processes reparented to it (the
-    /// master is a subreaper) after their parent, a singleton or a worker, exited.
-    fn kill_orphans(&mut self) {
-        for pid in children::of(std::process::id()) {
-            warn!(pid = pid.as_raw(), "killing a leftover process reparented to the master");
-            let _ = kill(pid, Signal::SIGKILL);
+    /// master is a subreaper) after their parent, a singleton or a worker, exited. Returns
+    /// whether any child is left (killed ones until they are reaped).
+    fn kill_orphans(&mut self) -> bool {
+        let left = children::of(std::process::id());
+        for &pid in &left {
+            if self.swept.insert(pid) {
+                warn!(pid = pid.as_raw(), "killing a leftover process reparented to the master");
+                let _ = kill(pid, Signal::SIGKILL);
+            }
         }
+        !left.is_empty()
     }
 }
 
