@@ -50,8 +50,8 @@ pub struct Command {
     dir_path: PathBuf,
     argv: Vec<CString>,
     env: Vec<Vec<u8>>,
-    /// Index in `env` of the `LISTEN_PID=` entry to fill in the child, if any.
-    listen_pid: Option<usize>,
+    /// Entries of `env` whose value the child fills with its own pid: (index, value offset).
+    pid_vars: Vec<(usize, usize)>,
     umask: Option<u32>,
     credentials: Option<Credentials>,
 }
@@ -59,8 +59,9 @@ pub struct Command {
 /// How every child of a kind is set up, beyond its command and environment.
 #[derive(Debug, Clone, Default)]
 pub struct Setup {
-    /// Add `LISTEN_PID` with the child's own pid (workers with listeners).
-    pub listen_pid: bool,
+    /// Variables set to the child's own pid (`LISTEN_PID`, `WATCHDOG_PID`), which only the
+    /// child knows.
+    pub pid_vars: Vec<&'static str>,
     pub umask: Option<u32>,
     /// Drop to these before exec (the master may keep root).
     pub credentials: Option<Credentials>,
@@ -122,7 +123,7 @@ const PID_DIGITS: usize = 20;
 impl Command {
     /// Resolves `argv[0]` (relative to `dir` when it holds a `/`, else through the `PATH` of
     /// `env`) and builds everything the child needs. `env` is the complete environment; when
-    /// `setup.listen_pid` is set a `LISTEN_PID` entry holding the child's own pid is added.
+    /// each of `setup.pid_vars` is added, holding the child's own pid.
     pub fn prepare(
         argv: &[String],
         env: &[(String, String)],
@@ -142,12 +143,15 @@ impl Command {
             }
             envs.push(entry);
         }
-        let listen_pid = setup.listen_pid.then(|| {
-            let mut entry = b"LISTEN_PID=".to_vec();
-            entry.resize(entry.len() + PID_DIGITS, b'0');
+        let mut pid_vars = Vec::new();
+        for name in &setup.pid_vars {
+            let mut entry = format!("{name}=").into_bytes();
+            let offset = entry.len();
+            entry.resize(offset + PID_DIGITS, b'0');
+            envs.retain(|e| !e.starts_with(&entry[..offset]));
             envs.push(entry);
-            envs.len() - 1
-        });
+            pid_vars.push((envs.len() - 1, offset));
+        }
         for e in &mut envs {
             e.push(0);
         }
@@ -158,7 +162,7 @@ impl Command {
             dir_path: dir.to_path_buf(),
             argv: argv.iter().map(|a| cstr(a.as_bytes())).collect::<Result<_, _>>()?,
             env: envs,
-            listen_pid,
+            pid_vars,
             umask: setup.umask,
             credentials: setup.credentials.clone(),
         })
@@ -173,11 +177,12 @@ impl Command {
     /// exec'd (or failed to).
     pub fn spawn(&self, fds: &[RawFd]) -> Result<Pid, SpawnError> {
         let mut env = self.env.clone();
-        let listen_pid_ptr: *mut u8 = match self.listen_pid {
-            Some(i) => env[i][b"LISTEN_PID=".len()..].as_mut_ptr(),
-            None => std::ptr::null_mut(),
-        };
-        let envp = null_terminated(env.iter().map(|e| e.as_ptr().cast()));
+        // Every pointer into `env` comes from this one mutable pass.
+        let entries: Vec<*mut u8> = env.iter_mut().map(|e| e.as_mut_ptr()).collect();
+        // SAFETY: each offset lies inside its entry (PID_DIGITS bytes follow it).
+        let pid_slots: Vec<*mut u8> =
+            self.pid_vars.iter().map(|&(i, offset)| unsafe { entries[i].add(offset) }).collect();
+        let envp = null_terminated(entries.iter().map(|&e| e.cast_const().cast()));
         let argv = null_terminated(self.argv.iter().map(|a| a.as_ptr()));
         let mut scratch: Vec<RawFd> = vec![-1; fds.len()];
         let (err_read, err_write) = cloexec_pipe().map_err(SpawnError::Fork)?;
@@ -188,7 +193,7 @@ impl Command {
             dir: self.dir.as_ptr(),
             fds,
             scratch: scratch.as_mut_ptr(),
-            listen_pid: listen_pid_ptr,
+            pid_slots: &pid_slots,
             umask: self.umask,
             credentials: self.credentials.as_ref(),
             parent: nix::unistd::getpid().as_raw(),
@@ -234,7 +239,8 @@ struct ChildPlan<'a> {
     dir: *const libc::c_char,
     fds: &'a [RawFd],
     scratch: *mut RawFd,
-    listen_pid: *mut u8,
+    /// Where the child writes its pid (PID_DIGITS bytes each).
+    pid_slots: &'a [*mut u8],
     umask: Option<u32>,
     credentials: Option<&'a Credentials>,
     parent: libc::pid_t,
@@ -319,8 +325,8 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     if place_fds(plan.fds, plan.scratch).is_err() {
         fail(Step::Fds);
     }
-    if !plan.listen_pid.is_null() {
-        write_pid(plan.listen_pid, libc::getpid());
+    for &slot in plan.pid_slots {
+        write_pid(slot, libc::getpid());
     }
     libc::execve(plan.program, plan.argv, plan.envp);
     fail(Step::Exec)

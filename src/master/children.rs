@@ -22,8 +22,8 @@ pub struct Children {
 }
 
 impl Children {
-    fn setup(&self, config: &Config, listen_pid: bool) -> Setup {
-        Setup { listen_pid, umask: config.umask, credentials: self.credentials.clone() }
+    fn setup(&self, config: &Config, pid_vars: Vec<&'static str>) -> Setup {
+        Setup { pid_vars, umask: config.umask, credentials: self.credentials.clone() }
     }
 
     pub fn worker(
@@ -43,7 +43,15 @@ impl Children {
             master_pid: self.master_pid,
             listener_names: &names,
         });
-        let setup = self.setup(config, !names.is_empty());
+        let mut pid_vars = Vec::new();
+        if !names.is_empty() {
+            pid_vars.push("LISTEN_PID");
+        }
+        if let Some(every) = config.workers.watchdog {
+            env.set("WATCHDOG_USEC", every.as_micros());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        let setup = self.setup(config, pid_vars);
         let command =
             Command::prepare(&config.workers.command, &env.to_vec(), &config.directory, &setup)?;
         let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
@@ -53,7 +61,7 @@ impl Children {
     pub fn singleton(&self, spec: &config::Singleton, config: &Config) -> Result<Pid, SpawnError> {
         let mut env = self.base_env.clone();
         env.extend(&spec.env).set("PRESUP_SINGLETON", &spec.name);
-        let setup = self.setup(config, false);
+        let setup = self.setup(config, vec![]);
         Command::prepare(&spec.command, &env.to_vec(), &config.directory, &setup)?.spawn(&[])
     }
 
@@ -69,7 +77,7 @@ impl Children {
         for (k, v) in extra {
             env.set(k.clone(), v);
         }
-        let setup = self.setup(config, false);
+        let setup = self.setup(config, vec![]);
         Command::prepare(&hook.command, &env.to_vec(), &config.directory, &setup)?.spawn(&[])
     }
 }

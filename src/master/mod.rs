@@ -150,6 +150,7 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
         stage: Stage::OnStarting,
         on_starting_ran: !config.hooks.on_starting.is_empty(),
         pending_reload: None,
+        rollback_config: None,
         children: children::Children { base_env, credentials, master_pid: std::process::id() },
         statuses: BTreeMap::new(),
         config,
@@ -182,6 +183,8 @@ struct Master {
     on_starting_ran: bool,
     /// A valid new config waiting for its `on_reload` hooks.
     pending_reload: Option<Config>,
+    /// While a reload rolls out: the last config fully rolled out, restored if it fails.
+    rollback_config: Option<Config>,
     children: children::Children,
     signals: Signals,
     notify: NotifySocket,
@@ -506,6 +509,23 @@ impl Master {
                     let command = self.config.workers.command.join(" ");
                     self.fail(MasterError::Boot { command, slot, attempts, last }, now);
                 }
+                pool::Action::ReloadDone { generation } => {
+                    self.rollback_config = None;
+                    info!(
+                        generation,
+                        workers = self.pool.target(),
+                        "reload done: every worker runs the new generation"
+                    );
+                }
+                pool::Action::RolledBack { failed, to, slot, status } => {
+                    error!(slot, generation = failed, "reload undone: a worker of the new generation {status} before it was up; generation {to} keeps serving");
+                    if let Some(old) = self.rollback_config.take() {
+                        if let Err(e) = self.rebind(&old) {
+                            error!("cannot restore the listeners of the running config: {e}");
+                        }
+                        self.config = old;
+                    }
+                }
             }
         }
         busy
@@ -576,8 +596,15 @@ impl Master {
                     info!(slot, pid = pid.as_raw(), %status, "status");
                     self.statuses.insert(pid, status);
                 }
-                Message::Watchdog | Message::Stopping => {
-                    debug!(slot, pid = pid.as_raw(), ?m, "notification")
+                Message::Watchdog => self.pool.watchdog_ping(pid, now),
+                Message::Stopping => {
+                    if self.pool.retiring(pid, now) {
+                        info!(
+                            slot,
+                            pid = pid.as_raw(),
+                            "worker retiring (STOPPING=1); its replacement starts"
+                        );
+                    }
                 }
             }
         }
@@ -670,7 +697,9 @@ impl Master {
 
     fn apply_reload(&mut self, new: Config) {
         self.pool.reload(new.workers.count, Policy::from_config(&new));
-        self.config = new;
+        let old = std::mem::replace(&mut self.config, new);
+        // A reload superseding another keeps the last config that was fully rolled out.
+        self.rollback_config.get_or_insert(old);
         info!(generation = self.pool.generation(), workers = self.pool.target(), "HUP: reloading");
     }
 

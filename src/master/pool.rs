@@ -36,6 +36,8 @@ pub struct Policy {
     pub backoff: config::Backoff,
     pub boot_attempts: u32,
     pub reload_batch: usize,
+    /// A worker up and silent (no `WATCHDOG=1`) for longer gets SIGABRT.
+    pub watchdog: Option<Duration>,
 }
 
 impl Policy {
@@ -50,12 +52,16 @@ impl Policy {
             backoff: w.restart_backoff,
             boot_attempts: w.boot_attempts.max(1),
             reload_batch: w.reload_batch.max(1),
+            watchdog: w.watchdog,
         }
     }
 }
 
 /// The grace a fast stop gives before SIGKILL.
 pub const FAST_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// The grace between a watchdog's SIGABRT and SIGKILL.
+pub const WATCHDOG_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the master stops a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,25 +74,21 @@ pub enum StopWhy {
     BootTimeout,
     /// The master is stopping.
     Shutdown,
+    /// It was silent for longer than `watchdog` (SIGABRT, then SIGKILL).
+    Watchdog,
+    /// It said `STOPPING=1`: it retires by itself, and its replacement starts now.
+    Retiring,
 }
 
 /// A live worker's state; each state carries its own data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Life {
     /// Spawned, not up yet: up at `deadline` (spawn mode) or killed then (notify mode).
-    Starting {
-        deadline: Instant,
-    },
-    Up {
-        since: Instant,
-    },
+    Starting { deadline: Instant },
+    /// Up; with `watchdog`, it must send `WATCHDOG=1` before `watchdog_at`.
+    Up { since: Instant, watchdog_at: Option<Instant> },
     /// Sent its stop signal; SIGKILL to its group at `kill_at` unless `killed` already.
-    Stopping {
-        why: StopWhy,
-        kill_at: Instant,
-        killed: bool,
-        was_up: bool,
-    },
+    Stopping { why: StopWhy, kill_at: Instant, killed: bool, was_up: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +139,11 @@ pub enum Action {
     Booted,
     /// A slot failed to boot `attempts` times in a row during the boot; the master gives up.
     BootFailed { slot: usize, attempts: u32, last: ExitStatus },
+    /// Every slot runs the reloaded generation: the reload is done.
+    ReloadDone { generation: u64 },
+    /// A worker of the reloaded generation `failed` could not come up in `slot`: the pool is
+    /// back to generation `to` (its target and policy), whose workers keep serving.
+    RolledBack { failed: u64, to: u64, slot: usize, status: ExitStatus },
 }
 
 /// Why a worker ended, for the log and the `worker_exit` hook.
@@ -179,10 +186,22 @@ struct Slot {
     last_failure: Option<ExitStatus>,
 }
 
+/// A generation the pool can go back to.
+#[derive(Debug, Clone)]
+struct Settled {
+    generation: u64,
+    target: usize,
+    policy: Policy,
+}
+
 #[derive(Debug, Clone)]
 pub struct Pool {
     target: usize,
     generation: u64,
+    /// The highest generation ever started (a rolled-back number is never reused).
+    last_generation: u64,
+    /// During a reload: the last settled generation, to roll back to.
+    rollout: Option<Settled>,
     policy: Policy,
     phase: Phase,
     workers: BTreeMap<Pid, Worker>,
@@ -196,6 +215,8 @@ impl Pool {
         Pool {
             target,
             generation: 1,
+            last_generation: 1,
+            rollout: None,
             policy,
             phase: Phase::Booting,
             workers: BTreeMap::new(),
@@ -230,11 +251,58 @@ impl Pool {
         self.target = n.max(1);
     }
 
-    /// Starts a new generation with `policy` and `target` workers (a reload).
+    /// Starts a new generation with `policy` and `target` workers (a reload). A reload during
+    /// another supersedes it: its workers are replaced too, and a rollback still goes back to
+    /// the last generation that was fully rolled out.
     pub fn reload(&mut self, target: usize, policy: Policy) {
-        self.generation += 1;
+        let settled = Settled {
+            generation: self.generation,
+            target: self.target,
+            policy: self.policy.clone(),
+        };
+        self.rollout = Some(self.rollout.take().unwrap_or(settled));
+        self.last_generation += 1;
+        self.generation = self.last_generation;
         self.target = target;
         self.policy = policy;
+    }
+
+    /// Whether a reload is rolling out.
+    pub fn reloading(&self) -> bool {
+        self.rollout.is_some()
+    }
+
+    /// Goes back to the last settled generation after `slot` failed to come up.
+    fn roll_back(&mut self, slot: usize, status: ExitStatus) {
+        let Some(settled) = self.rollout.take() else { return };
+        let failed = self.generation;
+        self.generation = settled.generation;
+        self.target = settled.target;
+        self.policy = settled.policy;
+        self.pending.push(Action::RolledBack { failed, to: settled.generation, slot, status });
+    }
+
+    /// `WATCHDOG=1` from a worker.
+    pub fn watchdog_ping(&mut self, pid: Pid, now: Instant) {
+        let every = self.policy.watchdog;
+        if let Some(Worker { life: Life::Up { watchdog_at, .. }, .. }) = self.workers.get_mut(&pid)
+        {
+            *watchdog_at = every.map(|d| now + d);
+        }
+    }
+
+    /// `STOPPING=1` from a worker: it retires by itself; its slot gets a new worker now (slot
+    /// 0 once it is gone), and SIGKILL comes at `graceful_timeout` if it lingers.
+    pub fn retiring(&mut self, pid: Pid, now: Instant) -> bool {
+        let grace = self.policy.graceful_timeout;
+        let Some(w) = self.workers.get_mut(&pid) else { return false };
+        if !w.live() {
+            return false;
+        }
+        let was_up = w.up();
+        w.life =
+            Life::Stopping { why: StopWhy::Retiring, kill_at: now + grace, killed: false, was_up };
+        true
     }
 
     /// Stops every worker: gracefully (stop signal, SIGKILL at `graceful_timeout`) or fast
@@ -282,7 +350,11 @@ impl Pool {
 
     /// Forking or exec'ing a worker for `slot` failed: a boot failure.
     pub fn spawn_failed(&mut self, slot: usize, why: String, now: Instant) {
-        self.record_failure(slot, ExitStatus::NotStarted(why), now, now, true);
+        let status = ExitStatus::NotStarted(why);
+        self.record_failure(slot, status.clone(), now, now, true);
+        if self.rollout.is_some() {
+            self.roll_back(slot, status);
+        }
     }
 
     /// A worker sent `READY=1`. Returns whether that made it up.
@@ -291,7 +363,7 @@ impl Pool {
         if !matches!(w.life, Life::Starting { .. }) {
             return false;
         }
-        w.life = Life::Up { since: now };
+        w.life = Life::Up { since: now, watchdog_at: self.policy.watchdog.map(|d| now + d) };
         let slot = w.slot;
         self.slot(slot).boot_failures = 0;
         true
@@ -307,9 +379,14 @@ impl Pool {
             Life::Up { .. } => Cause::Crash,
             Life::Stopping { why, killed, .. } => Cause::Stopped { why, killed },
         };
-        if !matches!(cause, Cause::Stopped { .. }) {
+        let watchdog = matches!(cause, Cause::Stopped { why: StopWhy::Watchdog, .. });
+        if watchdog || !matches!(cause, Cause::Stopped { .. }) {
             let boot = cause == Cause::BootFailure;
             self.record_failure(w.slot, status.clone(), w.started, now, boot);
+        }
+        if cause == Cause::BootFailure && w.generation == self.generation && self.rollout.is_some()
+        {
+            self.roll_back(w.slot, status.clone());
         }
         let restart_in = self.needs_spawn(w.slot).then(|| {
             let at = self.slots.get(w.slot).and_then(|s| s.not_before).unwrap_or(now);
@@ -365,6 +442,7 @@ impl Pool {
     pub fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|w| match w.life {
             Life::Starting { deadline } => Some(deadline),
+            Life::Up { watchdog_at, .. } => watchdog_at,
             Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
             _ => None,
         });
@@ -389,6 +467,7 @@ impl Pool {
                 self.retire_replaced(now, &mut actions);
                 self.spawn_missing(now, &mut actions);
                 self.check_booted(&mut actions);
+                self.check_rolled_out(&mut actions);
             }
         }
         actions
@@ -397,12 +476,30 @@ impl Pool {
     /// Starting workers whose deadline passed, and stopping ones due for SIGKILL.
     fn expire(&mut self, now: Instant, actions: &mut Vec<Action>) {
         let notify = self.policy.notify;
+        let watchdog = self.policy.watchdog;
         let mut came_up = Vec::new();
         for (&pid, w) in self.workers.iter_mut() {
             match w.life {
                 Life::Starting { deadline } if deadline <= now && !notify => {
-                    w.life = Life::Up { since: deadline };
+                    w.life =
+                        Life::Up { since: deadline, watchdog_at: watchdog.map(|d| deadline + d) };
                     came_up.push(w.slot);
+                }
+                Life::Up { watchdog_at: Some(at), .. } if at <= now => {
+                    let kill_at = now + WATCHDOG_GRACE;
+                    w.life = Life::Stopping {
+                        why: StopWhy::Watchdog,
+                        kill_at,
+                        killed: false,
+                        was_up: true,
+                    };
+                    let why = StopWhy::Watchdog;
+                    actions.push(Action::Signal {
+                        pid,
+                        slot: w.slot,
+                        signal: Signal::SIGABRT,
+                        why,
+                    });
                 }
                 Life::Starting { deadline } if deadline <= now => {
                     w.life = Life::Stopping {
@@ -567,6 +664,21 @@ impl Pool {
             .find(|(_, s)| s.boot_failures >= attempts)?;
         let last = s.last_failure.clone().unwrap_or(ExitStatus::Code(0));
         Some(Action::BootFailed { slot, attempts: s.boot_failures, last })
+    }
+
+    /// A reload is done once every slot runs an up worker of its generation and no older
+    /// worker is live.
+    fn check_rolled_out(&mut self, actions: &mut Vec<Action>) {
+        if self.rollout.is_none() {
+            return;
+        }
+        let all_new = (0..self.target)
+            .all(|s| self.in_slot(s).any(|w| w.generation == self.generation && w.up()));
+        let old_live = self.workers.values().any(|w| w.live() && w.generation != self.generation);
+        if all_new && !old_live {
+            self.rollout = None;
+            actions.push(Action::ReloadDone { generation: self.generation });
+        }
     }
 
     /// The boot is over once every slot has an up worker.

@@ -16,6 +16,7 @@ fn policy() -> Policy {
         backoff: config::Backoff { initial: ms(100), max: ms(30_000), reset: ms(10_000) },
         boot_attempts: 5,
         reload_batch: 1,
+        watchdog: None,
     }
 }
 
@@ -296,4 +297,111 @@ fn unknown_pids_are_not_workers() {
     let mut sim = Sim::booted(1);
     assert_eq!(sim.pool.exited(Pid::from_raw(1), ExitStatus::Code(0), sim.at(5000)), None);
     assert_eq!(sim.step(5000).0, vec![]);
+}
+
+#[test]
+fn a_reload_is_done_once_every_slot_runs_the_new_generation() {
+    let mut sim = Sim::booted(2);
+    let old: Vec<Pid> = (0..2).map(|s| sim.pid_in(s, 1)).collect();
+    sim.pool.reload(2, policy());
+    assert!(sim.pool.reloading());
+    sim.step(2000);
+    sim.step(3000);
+    for &p in &old {
+        sim.pool.exited(p, ExitStatus::Code(0), sim.at(3100));
+    }
+    sim.step(3100);
+    let (actions, _) = sim.step(4100);
+    assert_eq!(actions, vec![Action::ReloadDone { generation: 2 }]);
+    assert!(!sim.pool.reloading());
+}
+
+#[test]
+fn a_new_worker_that_fails_to_come_up_rolls_the_reload_back() {
+    let mut sim = Sim::booted(3);
+    let old: Vec<Pid> = (0..3).map(|s| sim.pid_in(s, 1)).collect();
+    sim.pool.reload(3, Policy { min_uptime: ms(500), ..policy() });
+    // Slot 1 is replaced fine; slot 2's new worker dies before it is up.
+    sim.step(2000);
+    let (actions, spawned) = sim.step(2500);
+    assert_eq!(signals(&actions), vec![(old[1], Signal::SIGTERM, StopWhy::Retired)]);
+    sim.pool.exited(old[1], ExitStatus::Code(0), sim.at(2600));
+    let gen2_slot1 = sim.pid_in(1, 2);
+    sim.pool.exited(spawned[0].1, ExitStatus::Code(1), sim.at(2700));
+    let (actions, spawned) = sim.step(2700);
+    assert_eq!(
+        actions[0],
+        Action::RolledBack { failed: 2, to: 1, slot: 2, status: ExitStatus::Code(1) }
+    );
+    assert_eq!(sim.pool.generation(), 1);
+    assert!(!sim.pool.reloading());
+    // The old workers of slots 0 and 2 were never touched; slot 1 gets a generation-1 worker
+    // with the old policy (min_uptime 1 s), and the generation-2 one there retires then.
+    assert!(sim.pool.workers().any(|(p, w)| p == old[0] && w.live()));
+    assert!(sim.pool.workers().any(|(p, w)| p == old[2] && w.live()));
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1]);
+    assert_eq!(signals(&sim.step(3699).0), vec![]);
+    assert_eq!(signals(&sim.step(3700).0), vec![(gen2_slot1, Signal::SIGTERM, StopWhy::Retired)]);
+    // The next reload is generation 3: a rolled-back number is never reused.
+    sim.pool.reload(3, policy());
+    assert_eq!(sim.pool.generation(), 3);
+}
+
+#[test]
+fn a_reload_during_a_reload_supersedes_it_and_rolls_back_to_the_settled_one() {
+    let mut sim = Sim::booted(2);
+    let old1 = sim.pid_in(1, 1);
+    sim.pool.reload(2, policy());
+    let (_, spawned) = sim.step(2000);
+    let gen2 = spawned[0].1;
+    sim.pool.reload(2, policy());
+    assert_eq!(sim.pool.generation(), 3);
+    // Slot 1 gets a generation-3 worker; it fails before it is up.
+    let (_, spawned) = sim.step(2100);
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1]);
+    sim.pool.exited(spawned[0].1, ExitStatus::Code(1), sim.at(2200));
+    let (actions, _) = sim.step(2200);
+    // Back to 1, the last settled generation, not to 2.
+    assert_eq!(
+        actions[0],
+        Action::RolledBack { failed: 3, to: 1, slot: 1, status: ExitStatus::Code(1) }
+    );
+    assert_eq!(sim.pool.generation(), 1);
+    // The superseded generation-2 worker is retired beside the generation-1 one that serves.
+    assert_eq!(signals(&actions), vec![(gen2, Signal::SIGTERM, StopWhy::Retired)]);
+    assert!(sim.pool.workers().any(|(p, w)| p == old1 && w.live()));
+}
+
+#[test]
+fn a_silent_worker_gets_sigabrt_then_sigkill_and_is_restarted() {
+    let mut sim = Sim::new(1, Policy { watchdog: Some(ms(500)), ..policy() });
+    sim.step(0);
+    sim.step(1000);
+    let pid = sim.pid_in(0, 1);
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(1500)));
+    sim.pool.watchdog_ping(pid, sim.at(1400));
+    assert_eq!(sim.step(1500).0, vec![]);
+    assert_eq!(signals(&sim.step(1900).0), vec![(pid, Signal::SIGABRT, StopWhy::Watchdog)]);
+    assert_eq!(signals(&sim.step(3900).0), vec![(pid, Signal::SIGKILL, StopWhy::Watchdog)]);
+    let exit = sim.pool.exited(pid, ExitStatus::Signal(Signal::SIGKILL), sim.at(3901)).unwrap();
+    assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Watchdog, killed: true });
+    assert_eq!(exit.restart_in, Some(ms(0)));
+    assert_eq!(sim.step(3901).1.len(), 1);
+}
+
+#[test]
+fn stopping_1_starts_the_replacement_at_once_except_for_the_primary() {
+    let mut sim = Sim::booted(2);
+    let p1 = sim.pid_in(1, 1);
+    assert!(sim.pool.retiring(p1, sim.at(2000)));
+    let (actions, spawned) = sim.step(2000);
+    assert!(signals(&actions).is_empty(), "it stops by itself");
+    assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1]);
+    let p0 = sim.pid_in(0, 1);
+    assert!(sim.pool.retiring(p0, sim.at(2100)));
+    assert!(sim.step(2100).1.is_empty(), "the primary's successor waits for it to be gone");
+    sim.pool.exited(p0, ExitStatus::Code(0), sim.at(2200));
+    assert_eq!(sim.step(2200).1.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
+    // One that lingers is killed at graceful_timeout.
+    assert_eq!(signals(&sim.step(32_000).0), vec![(p1, Signal::SIGKILL, StopWhy::Retiring)]);
 }
