@@ -15,7 +15,8 @@
 //!
 //! Module map: [`config`] reads `supervisor.toml`; [`listener`] binds sockets; [`spawn`] is the
 //! only module that forks or execs; [`signals`] turns signals into counted events;
-//! [`pidfile`] holds the pidfile lock; [`notify`] is the children's `NOTIFY_SOCKET`; [`environment`] builds what a child is given;
+//! [`pidfile`] holds the pidfile lock; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
+//! systemd (notifications, socket activation); [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`].
 
 #![deny(unsafe_code)]
@@ -30,3 +31,4 @@ pub mod notify;
 pub mod pidfile;
 pub mod signals;
 pub mod spawn;
+pub mod systemd;

@@ -16,6 +16,7 @@ use nix::sys::socket::{
 };
 
 use crate::config::{Address, Listen};
+use crate::systemd::{ActivationError, Inherited, Local};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -25,6 +26,10 @@ pub enum BindError {
     InUse { address: Address },
     #[error("cannot bind {address}: {path} exists and is not a socket")]
     NotASocket { address: Address, path: PathBuf },
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    #[error("socket activation: fd {fd} (name {name:?}, {local}) matches no [[listen]] by name or address")]
+    Unmatched { fd: RawFd, name: String, local: Local },
 }
 
 /// One bound, listening socket.
@@ -56,6 +61,16 @@ impl Listener {
             Address::Tcp(_) => None,
         };
         Ok(Listener { name: spec.name.clone(), address: spec.address.clone(), fd, created })
+    }
+
+    /// A socket systemd passed to the master, standing for `spec` (never unlinked by presup).
+    fn adopt(spec: &Listen, inherited: Inherited) -> Listener {
+        Listener {
+            name: spec.name.clone(),
+            address: spec.address.clone(),
+            fd: inherited.fd,
+            created: None,
+        }
     }
 
     /// The address actually bound (differs from the configured one for port 0).
@@ -94,6 +109,50 @@ impl Drop for Listener {
 /// ones bound before it).
 pub fn bind_all(specs: &[Listen]) -> Result<Vec<Listener>, BindError> {
     specs.iter().map(Listener::bind).collect()
+}
+
+/// The listeners of the config, taking the sockets systemd passed where they match: by
+/// `LISTEN_FDNAMES` name first, else by address (an unspecified address such as `0.0.0.0:80`
+/// matches `[::]:80`). The others are bound as usual; a passed socket that matches nothing is
+/// an error. Returns the listeners in config order, with whether each was inherited.
+pub fn bind_or_adopt(
+    specs: &[Listen],
+    inherited: Vec<Inherited>,
+) -> Result<Vec<(Listener, bool)>, BindError> {
+    let mut slots: Vec<Option<Inherited>> = specs.iter().map(|_| None).collect();
+    for fd in inherited {
+        let by_name = specs.iter().position(|s| s.name == fd.name);
+        let by_address = || {
+            specs.iter().enumerate().position(|(i, s)| {
+                slots[i].is_none() && by_name.is_none() && same_address(&s.address, &fd.local)
+            })
+        };
+        match by_name.filter(|&i| slots[i].is_none()).or_else(by_address) {
+            Some(i) => slots[i] = Some(fd),
+            None => {
+                let fd_num = fd.fd.as_raw_fd();
+                return Err(BindError::Unmatched { fd: fd_num, name: fd.name, local: fd.local });
+            }
+        }
+    }
+    specs
+        .iter()
+        .zip(slots)
+        .map(|(spec, slot)| match slot {
+            Some(fd) => Ok((Listener::adopt(spec, fd), true)),
+            None => Listener::bind(spec).map(|l| (l, false)),
+        })
+        .collect()
+}
+
+fn same_address(configured: &Address, local: &Local) -> bool {
+    match (configured, local) {
+        (Address::Tcp(a), Local::Tcp(b)) => {
+            a == b || (a.port() == b.port() && a.ip().is_unspecified() && b.ip().is_unspecified())
+        }
+        (Address::Unix(a), Local::Unix(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<OwnedFd> {

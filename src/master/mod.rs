@@ -35,6 +35,7 @@ use crate::notify::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PidfileError};
 use crate::signals::{Event, Signals};
 use crate::spawn::Credentials;
+use crate::systemd;
 use hooks::{HookRun, Outcome, Point};
 use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
 use singletons::Singletons;
@@ -120,15 +121,20 @@ impl Stage {
 /// Runs the master until it stops. `Ok` is a clean stop (exit 0).
 pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
     let setup = |what: &str, e: String| MasterError::Setup(format!("{what}: {e}"));
+    // First, before any fd is opened: the sockets systemd passed, made close-on-exec.
+    let inherited = systemd::inherited_listeners().map_err(BindError::from)?;
+    let systemd = systemd::Manager::from_env(Instant::now());
     let signals = Signals::install().map_err(|e| setup("signal handlers", e.to_string()))?;
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| setup("subreaper", e.to_string()))?;
     let credentials = Credentials::resolve(config.user.as_deref(), config.group.as_deref())
         .map_err(|e| setup("user", e))?;
     let pidfile = config.pidfile.as_deref().map(Pidfile::acquire).transpose()?;
-    let listeners = listener::bind_all(&config.listen)?;
-    for l in &listeners {
+    let mut listeners = Vec::new();
+    for (l, inherited) in listener::bind_or_adopt(&config.listen, inherited)? {
         let address = l.local_addr().unwrap_or_else(|_| l.address.to_string());
-        info!(name = %l.name, %address, "listening");
+        let from = if inherited { "systemd" } else { "presup" };
+        info!(name = %l.name, %address, bound_by = %from, "listening");
+        listeners.push(l);
     }
     let notify = NotifySocket::create().map_err(|e| setup("notification socket", e.to_string()))?;
     if let Some(c) = &credentials {
@@ -151,6 +157,9 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
         on_starting_ran: !config.hooks.on_starting.is_empty(),
         pending_reload: None,
         rollback_config: None,
+        reload_notified: false,
+        reload_failure: None,
+        systemd,
         children: children::Children { base_env, credentials, master_pid: std::process::id() },
         statuses: BTreeMap::new(),
         config,
@@ -185,6 +194,11 @@ struct Master {
     pending_reload: Option<Config>,
     /// While a reload rolls out: the last config fully rolled out, restored if it fails.
     rollback_config: Option<Config>,
+    /// systemd was told `RELOADING=1` and waits for `READY=1`.
+    reload_notified: bool,
+    /// Why the last reload was undone or rejected, until the next one (shown in `STATUS=`).
+    reload_failure: Option<String>,
+    systemd: systemd::Manager,
     children: children::Children,
     signals: Signals,
     notify: NotifySocket,
@@ -201,6 +215,9 @@ impl Master {
     fn run_loop(&mut self) -> Result<(), MasterError> {
         loop {
             self.perform_due_actions();
+            self.systemd.tick(Instant::now());
+            let status = self.status_line();
+            self.systemd.status(status);
             if self.stage == Stage::Done {
                 info!("master stopped");
                 return self.failure.take().map_or(Ok(()), Err);
@@ -287,6 +304,7 @@ impl Master {
         }
         if !self.stage.stopping() {
             self.stage = Stage::StoppingWorkers;
+            self.systemd.stopping(now);
         }
     }
 
@@ -325,7 +343,8 @@ impl Master {
         // takes a moment to be reaped by the kernel.
         let sweep =
             (self.stage == Stage::Sweep).then(|| Instant::now() + Duration::from_millis(50));
-        runs.chain(singletons.flatten()).chain(pool.flatten()).chain(sweep).min()
+        let systemd = self.systemd.next_deadline();
+        runs.chain(singletons.flatten()).chain(pool.flatten()).chain(sweep).chain(systemd).min()
     }
 
     // ---- hooks ----
@@ -502,6 +521,8 @@ impl Master {
                     );
                     if self.stage == Stage::Workers {
                         self.stage = Stage::Running;
+                        let status = self.status_line();
+                        self.systemd.ready(status);
                         self.start_hooks(Point::WhenReady, vec![], now);
                     }
                 }
@@ -511,20 +532,26 @@ impl Master {
                 }
                 pool::Action::ReloadDone { generation } => {
                     self.rollback_config = None;
+                    self.reload_failure = None;
                     info!(
                         generation,
                         workers = self.pool.target(),
                         "reload done: every worker runs the new generation"
                     );
+                    self.reload_settled();
                 }
                 pool::Action::RolledBack { failed, to, slot, status } => {
-                    error!(slot, generation = failed, "reload undone: a worker of the new generation {status} before it was up; generation {to} keeps serving");
+                    let why = format!("reload to generation {failed} undone: slot {slot} {status} before it was up");
+                    error!(slot, generation = failed, "{why}; generation {to} keeps serving");
+                    self.reload_failure = Some(why);
                     if let Some(old) = self.rollback_config.take() {
                         if let Err(e) = self.rebind(&old) {
                             error!("cannot restore the listeners of the running config: {e}");
                         }
+                        self.singletons.reconfigure(&old.singleton, now);
                         self.config = old;
                     }
+                    self.reload_settled();
                 }
             }
         }
@@ -660,6 +687,11 @@ impl Master {
         if self.stage.stopping() {
             return;
         }
+        // systemd hears of reloads once it heard READY=1 (before, that READY=1 ends them too).
+        if self.stage == Stage::Running && !self.reload_notified {
+            self.reload_notified = true;
+            self.systemd.reloading();
+        }
         let wc = std::env::var("WEB_CONCURRENCY").ok();
         let new = match config::load(&self.options.config_path, wc.as_deref(), config::cpu_count())
         {
@@ -672,6 +704,7 @@ impl Master {
                     generation = self.pool.generation(),
                     "HUP: the new config is invalid; keeping the running one"
                 );
+                self.reload_rejected(format!("{} error(s) in the new config", errors.errors.len()));
                 return;
             }
         };
@@ -679,10 +712,12 @@ impl Master {
             error!(
                 "reload rejected: workers.command: missing required key; keeping the running one"
             );
+            self.reload_rejected("workers.command is missing in the new config".into());
             return;
         }
         if let Err(e) = self.rebind(&new) {
             error!("reload rejected: {e}; keeping the running config");
+            self.reload_rejected(e.to_string());
             return;
         }
         // The new config's on_reload hooks run before its workers replace the old ones.
@@ -695,8 +730,57 @@ impl Master {
         }
     }
 
+    /// A HUP whose config was refused: nothing changed; a reload still rolling out goes on.
+    fn reload_rejected(&mut self, why: String) {
+        self.reload_failure = Some(format!("reload rejected: {why}"));
+        if !self.pool.reloading() && self.pending_reload.is_none() {
+            self.reload_settled();
+        }
+    }
+
+    /// The reloads systemd was told of are over (done, undone or rejected).
+    fn reload_settled(&mut self) {
+        if std::mem::take(&mut self.reload_notified) {
+            let status = self.status_line();
+            self.systemd.ready(status);
+        }
+    }
+
+    /// What `STATUS=` says: the counts, and what is under way.
+    fn status_line(&self) -> String {
+        let (target, generation) = (self.pool.target(), self.pool.generation());
+        let singletons = self.singletons.configured_count();
+        let singletons_up = self.singletons.up_count();
+        let workers_up = self
+            .pool
+            .workers()
+            .filter(|(_, w)| w.generation == generation && w.up())
+            .count()
+            .min(target);
+        let counts = format!(
+            "{workers_up}/{target} workers, {singletons_up}/{singletons} singletons, generation {generation}"
+        );
+        match self.stage {
+            Stage::OnStarting => "running the on_starting hooks".to_owned(),
+            Stage::Singletons => format!("starting singletons: {singletons_up}/{singletons} ready"),
+            Stage::Workers => format!("starting workers: {counts}"),
+            Stage::Running if self.pool.reloading() || self.pending_reload.is_some() => {
+                format!("reloading: {counts}")
+            }
+            Stage::Running => match &self.reload_failure {
+                Some(why) => format!("{counts}; {why}"),
+                None => counts,
+            },
+            _ => match &self.failure {
+                Some(e) => format!("stopping: {e}"),
+                None => "stopping".to_owned(),
+            },
+        }
+    }
+
     fn apply_reload(&mut self, new: Config) {
         self.pool.reload(new.workers.count, Policy::from_config(&new));
+        self.singletons.reconfigure(&new.singleton, Instant::now());
         let old = std::mem::replace(&mut self.config, new);
         // A reload superseding another keeps the last config that was fully rolled out.
         self.rollback_config.get_or_insert(old);

@@ -104,7 +104,7 @@ impl Worker {
     fn live(&self) -> bool {
         !matches!(self.life, Life::Stopping { .. })
     }
-    fn up(&self) -> bool {
+    pub fn up(&self) -> bool {
         matches!(self.life, Life::Up { .. })
     }
 }

@@ -96,9 +96,30 @@ pub struct Entry {
     pub life: Life,
     backoff: Backoff,
     started: Option<Instant>,
+    /// A reload changed its definition: this one replaces `spec` once the process is gone.
+    next: Option<config::Singleton>,
+    /// A reload removed it: it stops, and is never started again (unless a reload brings it
+    /// back). Its position is kept, so the indexes of the others do not move.
+    removed: bool,
 }
 
 impl Entry {
+    fn new(spec: config::Singleton, now: Instant) -> Entry {
+        Entry {
+            spec,
+            life: Life::Waiting { not_before: now },
+            backoff: Backoff::default(),
+            started: None,
+            next: None,
+            removed: false,
+        }
+    }
+
+    /// Whether the running config has it.
+    pub fn configured(&self) -> bool {
+        !self.removed
+    }
+
     pub fn pid(&self) -> Option<Pid> {
         match self.life {
             Life::Starting { pid, .. } | Life::Up { pid, .. } | Life::Stopping { pid, .. } => {
@@ -129,15 +150,7 @@ pub struct Singletons {
 
 impl Singletons {
     pub fn new(specs: &[config::Singleton], now: Instant) -> Singletons {
-        let entries = specs
-            .iter()
-            .map(|spec| Entry {
-                spec: spec.clone(),
-                life: Life::Waiting { not_before: now },
-                backoff: Backoff::default(),
-                started: None,
-            })
-            .collect();
+        let entries = specs.iter().map(|spec| Entry::new(spec.clone(), now)).collect();
         Singletons { entries, phase: Phase::Booting, fast: false, pending: Vec::new() }
     }
 
@@ -149,6 +162,10 @@ impl Singletons {
     }
     pub fn index_of(&self, pid: Pid) -> Option<usize> {
         self.entries.iter().position(|e| e.pid() == Some(pid))
+    }
+    /// How many singletons the running config has.
+    pub fn configured_count(&self) -> usize {
+        self.entries.iter().filter(|e| e.configured()).count()
     }
     pub fn up_count(&self) -> usize {
         self.entries.iter().filter(|e| matches!(e.life, Life::Up { .. })).count()
@@ -174,6 +191,67 @@ impl Singletons {
                     self.pending.push(Action::Signal { index, pid: *pid, signal: Signal::SIGQUIT });
                 }
             }
+        }
+    }
+
+    /// A reload: singletons whose definition changed are stopped and started again with the
+    /// new one, new ones start, removed ones stop; the others are left alone. The order of the
+    /// first config is kept (a new singleton comes after the existing ones).
+    pub fn reconfigure(&mut self, specs: &[config::Singleton], now: Instant) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        for spec in specs {
+            let Some(index) = self.entries.iter().position(|e| e.spec.name == spec.name) else {
+                self.entries.push(Entry::new(spec.clone(), now));
+                continue;
+            };
+            let e = &mut self.entries[index];
+            let current = e.next.as_ref().unwrap_or(&e.spec);
+            if current == spec && !e.removed {
+                continue;
+            }
+            e.removed = false;
+            match e.life {
+                Life::Waiting { .. } | Life::Finished => {
+                    e.spec = spec.clone();
+                    e.next = None;
+                    e.backoff = Backoff::default();
+                    e.life = Life::Waiting { not_before: now };
+                }
+                Life::Stopping { .. } => e.next = Some(spec.clone()),
+                Life::Starting { .. } | Life::Up { .. } => {
+                    e.next = Some(spec.clone());
+                    self.stop_one(index, now);
+                }
+            }
+        }
+        for index in 0..self.entries.len() {
+            let e = &mut self.entries[index];
+            if e.removed || specs.iter().any(|s| s.name == e.spec.name) {
+                continue;
+            }
+            e.removed = true;
+            e.next = None;
+            match e.life {
+                Life::Waiting { .. } => e.life = Life::Finished,
+                Life::Starting { .. } | Life::Up { .. } => self.stop_one(index, now),
+                Life::Stopping { .. } | Life::Finished => {}
+            }
+        }
+    }
+
+    /// Sends one singleton its stop signal, SIGKILL at its `stop_timeout`.
+    fn stop_one(&mut self, index: usize, now: Instant) {
+        let e = &mut self.entries[index];
+        if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
+            e.life = Life::Stopping {
+                pid,
+                kill_at: now + e.spec.stop_timeout,
+                killed: false,
+                boot_timeout: false,
+            };
+            self.pending.push(Action::Signal { index, pid, signal: e.spec.stop_signal.0 });
         }
     }
 
@@ -226,7 +304,12 @@ impl Singletons {
             _ => (false, false),
         };
         if stopped {
-            self.entries[index].life = Life::Finished;
+            let e = &mut self.entries[index];
+            e.life = Life::Finished;
+            // Replaced by a reload: the new definition starts now, unless the master stops.
+            if let Some(spec) = e.next.take().filter(|_| self.phase != Phase::Stopping) {
+                *e = Entry::new(spec, now);
+            }
         } else {
             self.died(index, status.clone(), boot, now);
         }
@@ -269,7 +352,7 @@ impl Singletons {
 
     pub fn next_deadline(&self) -> Option<Instant> {
         // At boot only the first singleton not up may be spawned.
-        let booting = self.entries.iter().position(|e| !matches!(e.life, Life::Up { .. }));
+        let booting = self.booting();
         let may_spawn = |i: usize| match self.phase {
             Phase::Booting => Some(i) == booting,
             Phase::Running => true,
@@ -333,9 +416,14 @@ impl Singletons {
         }
     }
 
+    /// The first configured singleton not up.
+    fn booting(&self) -> Option<usize> {
+        self.entries.iter().position(|e| e.configured() && !matches!(e.life, Life::Up { .. }))
+    }
+
     /// In file order: the first singleton not up is spawned; the next waits for it.
     fn boot(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        match self.entries.iter().position(|e| !matches!(e.life, Life::Up { .. })) {
+        match self.booting() {
             None => {
                 self.phase = Phase::Running;
                 actions.push(Action::Booted);

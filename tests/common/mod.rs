@@ -182,7 +182,21 @@ impl Presup {
 
     /// Starts the master on `<dir>/supervisor.toml` with extra arguments and environment.
     pub fn start_with(dir: &Dir, args: &[&str], env: &[(&str, &str)]) -> Presup {
-        let mut cmd = Command::new(bin());
+        Presup::start_via(dir, &[], args, env)
+    }
+
+    /// Like [`Presup::start_with`], with the master run by `wrapper` (a command line that
+    /// ends where presup's begins, like `systemd-socket-activate -l ...`). `pid()` is then the
+    /// wrapper's: [`Presup::master_pid`] is the master's.
+    pub fn start_via(dir: &Dir, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Presup {
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin()),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+        };
         cmd.arg("-c")
             .arg(dir.join("supervisor.toml"))
             .arg("--log-level")
@@ -208,6 +222,12 @@ impl Presup {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The master's pid, from its first log line.
+    pub fn master_pid(&self) -> i32 {
+        let line = self.log.wait_for("master started");
+        line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

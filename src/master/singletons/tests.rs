@@ -159,3 +159,94 @@ fn stop_goes_in_reverse_order_each_gone_before_the_previous() {
     s.exited(pid(10), ExitStatus::Code(0), now + ms(10_002));
     assert!(s.is_done());
 }
+
+/// Boots `specs` (spawn mode, up at once) with pids 10, 11, ...
+fn booted(specs: &[config::Singleton], t: Instant) -> Singletons {
+    let mut s = Singletons::new(specs, t);
+    for i in 0..specs.len() {
+        assert_eq!(spawns(&s.step(t)), [i]);
+        s.spawned(i, pid(10 + i as i32), t);
+        s.step(t + ms(1000));
+    }
+    s.step(t + ms(1000));
+    assert_eq!(s.phase(), Phase::Running);
+    s
+}
+
+#[test]
+fn a_reload_restarts_the_changed_starts_the_new_and_stops_the_removed() {
+    let t = Instant::now();
+    let (a, b, c) = (
+        spec("a", Ready::Spawn, Restart::Always),
+        spec("b", Ready::Spawn, Restart::Always),
+        spec("c", Ready::Spawn, Restart::Always),
+    );
+    let mut s = booted(&[a.clone(), b.clone()], t);
+    let t1 = t + ms(5000);
+    let mut b2 = b.clone();
+    b2.command = vec!["y".into()];
+    // a unchanged, b changed, c new.
+    s.reconfigure(&[a.clone(), b2.clone(), c.clone()], t1);
+    let actions = s.step(t1);
+    assert_eq!(
+        actions,
+        vec![
+            Action::Signal { index: 1, pid: pid(11), signal: Signal::SIGTERM },
+            Action::Spawn { index: 2 }
+        ],
+        "b is stopped, c starts; a is left alone"
+    );
+    assert_eq!(s.configured_count(), 3);
+    s.spawned(2, pid(12), t1);
+    // Exactly one instance of b: the new one starts only once the old one is reaped.
+    assert_eq!(spawns(&s.step(t1 + ms(10))), Vec::<usize>::new());
+    let exit = s.exited(pid(11), ExitStatus::Code(0), t1 + ms(20)).unwrap();
+    assert!(exit.stopped);
+    assert_eq!(exit.restart_in, Some(ms(0)));
+    assert_eq!(spawns(&s.step(t1 + ms(20))), [1]);
+    assert_eq!(s.entries()[1].spec.command, ["y"]);
+
+    // A reload without b: it stops and stays stopped; the indexes of the others do not move.
+    s.spawned(1, pid(21), t1 + ms(20));
+    s.step(t1 + ms(2000));
+    let t2 = t1 + ms(5000);
+    s.reconfigure(&[a.clone(), c.clone()], t2);
+    assert_eq!(
+        s.step(t2),
+        vec![Action::Signal { index: 1, pid: pid(21), signal: Signal::SIGTERM }]
+    );
+    s.exited(pid(21), ExitStatus::Signal(Signal::SIGTERM), t2);
+    assert_eq!(s.step(t2 + ms(10_000)), vec![]);
+    assert_eq!(s.configured_count(), 2);
+    assert_eq!(s.index_of(pid(12)), Some(2));
+    // Brought back by the next reload.
+    s.reconfigure(&[a, b, c], t2 + ms(1));
+    assert_eq!(spawns(&s.step(t2 + ms(1))), [1]);
+}
+
+#[test]
+fn a_reload_changing_a_singleton_that_is_stopping_waits_for_it() {
+    let t = Instant::now();
+    let a = spec("a", Ready::Spawn, Restart::Always);
+    let mut s = booted(std::slice::from_ref(&a), t);
+    let mut a2 = a.clone();
+    a2.command = vec!["two".into()];
+    let mut a3 = a.clone();
+    a3.command = vec!["three".into()];
+    s.reconfigure(std::slice::from_ref(&a2), t);
+    assert_eq!(s.step(t), vec![Action::Signal { index: 0, pid: pid(10), signal: Signal::SIGTERM }]);
+    // A second reload while it stops: the latest definition wins, still one instance.
+    s.reconfigure(std::slice::from_ref(&a3), t);
+    assert_eq!(s.step(t), vec![]);
+    s.exited(pid(10), ExitStatus::Code(0), t + ms(5));
+    assert_eq!(spawns(&s.step(t + ms(5))), [0]);
+    assert_eq!(s.entries()[0].spec.command, ["three"]);
+    // Stopping the master drops a pending replacement.
+    s.spawned(0, pid(30), t + ms(5));
+    s.reconfigure(std::slice::from_ref(&a), t + ms(10));
+    s.step(t + ms(10));
+    s.stop(false, t + ms(11));
+    s.exited(pid(30), ExitStatus::Code(0), t + ms(12));
+    assert!(s.is_done());
+    assert_eq!(s.step(t + ms(20)), vec![]);
+}
