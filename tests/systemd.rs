@@ -318,3 +318,25 @@ fn an_activated_socket_that_matches_no_listener_is_an_error() {
     assert_eq!(presup.wait_exit(), Some(3));
     assert_eq!(presup.log.count("worker spawned"), 0);
 }
+
+#[test]
+fn the_example_units_pass_systemd_analyze_verify() {
+    let dir = Dir::new();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/systemd");
+    for unit in ["presup-demo.service", "presup-demo.socket"] {
+        let text = std::fs::read_to_string(format!("{examples}/{unit}")).unwrap();
+        // The binary and directory of this checkout, where the unit says /usr/local, /opt.
+        let text = text.replace("/usr/local/bin/presup", common::bin()).replace(
+            "WorkingDirectory=/opt/presup",
+            concat!("WorkingDirectory=", env!("CARGO_MANIFEST_DIR")),
+        );
+        dir.write(unit, &text);
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "./presup-demo.socket", "./presup-demo.service"])
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
