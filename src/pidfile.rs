@@ -19,6 +19,8 @@ pub enum PidfileError {
     Held { path: PathBuf, holder: Option<u32> },
     #[error("pidfile {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("pidfile {path}: its directory {} does not exist (create it, or use systemd's RuntimeDirectory=)", .path.parent().unwrap_or(std::path::Path::new("/")).display())]
+    NoDirectory { path: PathBuf },
 }
 
 /// A held pidfile; removed by [`Pidfile::remove`] (or on drop).
@@ -32,6 +34,9 @@ impl Pidfile {
     /// Takes the pidfile at `path` for this process.
     pub fn acquire(path: &Path) -> Result<Pidfile, PidfileError> {
         let io_err = |source: io::Error| PidfileError::Io { path: path.to_path_buf(), source };
+        if path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+            return Err(PidfileError::NoDirectory { path: path.to_path_buf() });
+        }
         // Lock whatever is at the path now, so that a live master is detected.
         let existing = lock_path(path).map_err(io_err)?;
         let Some(existing) = existing else {

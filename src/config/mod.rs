@@ -269,8 +269,37 @@ pub fn load(
     let abs = std::path::absolute(path).map_err(|e| fail(format!("cannot resolve path: {e}")))?;
     let text = std::fs::read_to_string(&abs).map_err(|e| fail(format!("cannot read: {e}")))?;
     let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    if nix::unistd::geteuid().is_root() {
+        unsafe_for_root(&abs, &dir).map_or(Ok(()), |m| Err(fail(m)))?;
+    }
     parse_str(&text, &abs, &dir, web_concurrency, cpus)
         .map_err(|errors| ConfigErrors { path: abs.clone(), errors })
+}
+
+/// Why a config file is not safe for a master running as root, as sshd's `StrictModes`: the
+/// config says what runs as root, so nobody but its owner may change it. The file must not be
+/// writable by group or others, nor its directory by others (unless sticky, like `/tmp`).
+fn unsafe_for_root(file: &Path, dir: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).ok();
+    let file_mode = mode(file)?;
+    if file_mode & 0o022 != 0 {
+        return Some(format!(
+            "writable by group or others (mode {:04o}) while presup runs as root; refusing it (chmod go-w {})",
+            file_mode & 0o7777,
+            file.display()
+        ));
+    }
+    let dir_mode = mode(dir)?;
+    if dir_mode & 0o002 != 0 && dir_mode & 0o1000 == 0 {
+        return Some(format!(
+            "its directory {} is writable by others (mode {:04o}) while presup runs as root; refusing it (chmod o-w {})",
+            dir.display(),
+            dir_mode & 0o7777,
+            dir.display()
+        ));
+    }
+    None
 }
 
 /// The CPU count `count = "auto"` resolves to.

@@ -33,7 +33,29 @@ pub(super) fn check(config: &Config, origins: &Origins) -> Vec<Problem> {
     check_singletons(config, origins, &mut problems);
     check_tickets(config, &mut addresses, &mut problems);
     check_accounts(config, &mut problems);
+    check_program(&config.workers.command, config, "workers.command", &mut problems);
+    for (singleton, at) in config.singleton.iter().zip(&origins.singleton) {
+        check_program(&singleton.command, config, &format!("{at}.command"), &mut problems);
+    }
     problems
+}
+
+/// A program given by path (it holds a `/`) that exists must be an executable file: a
+/// directory or a file without any execute bit would fail every spawn. One that does not
+/// exist yet is left to the spawn (a hook may build it).
+fn check_program(command: &[String], config: &Config, key: &str, problems: &mut Vec<Problem>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(program) = command.first().filter(|p| p.contains('/')) else { return };
+    let path = config.directory.join(program);
+    let Ok(meta) = std::fs::metadata(&path) else { return };
+    let message = if meta.is_dir() {
+        format!("{program:?} is a directory, not a program")
+    } else if meta.permissions().mode() & 0o111 == 0 {
+        format!("{program:?} is not executable (chmod +x {program})")
+    } else {
+        return;
+    };
+    problems.push(Problem { key: key.to_owned(), message });
 }
 
 /// Who first used each address, by key path.

@@ -111,6 +111,12 @@ pub fn of(pid: u32) -> Vec<Pid> {
     kids
 }
 
+/// Whether `pid` has exited and waits to be reaped.
+pub fn is_zombie(pid: Pid) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()) == Some("Z")
+}
+
 /// The slow way, for kernels without `/proc/PID/task/TID/children`.
 fn scan_ppid(parent: u32) -> Vec<Pid> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };

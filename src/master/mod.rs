@@ -828,7 +828,8 @@ impl Master {
     /// whether any child is left (killed ones until they are reaped).
     fn kill_orphans(&mut self) -> bool {
         let left = children::of(std::process::id());
-        for &pid in &left {
+        // A zombie (a spawn that failed after fork, say) only waits for the reaper.
+        for &pid in left.iter().filter(|&&p| !children::is_zombie(p)) {
             if self.swept.insert(pid) {
                 warn!(pid = pid.as_raw(), "killing a leftover process reparented to the master");
                 let _ = kill(pid, Signal::SIGKILL);
