@@ -32,3 +32,4 @@ pub mod pidfile;
 pub mod signals;
 pub mod spawn;
 pub mod systemd;
+pub mod ticket;

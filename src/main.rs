@@ -35,6 +35,12 @@ struct Cli {
 enum Command {
     /// Validate the config and print it resolved (exit 0), or print every error (exit 2).
     Check,
+    /// Wait for a turn of ticket NAME (exit 0 once granted, 1 past --timeout), in a child of
+    /// presup, which finds it through PRESUP_TICKET_<NAME>.
+    Ticket(presup::ticket::cli::TicketArgs),
+    /// The HTTP server of a ticket, run by the master (gateway-queue's protocol).
+    #[command(hide = true)]
+    TicketServer(presup::ticket::cli::ServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    match &cli.command {
+        Some(Command::Ticket(t)) => return t.run(),
+        Some(Command::TicketServer(s)) => return s.run(&cli.log_level, cli.log_format),
+        _ => {}
+    }
     let wc = std::env::var("WEB_CONCURRENCY").ok();
     let config = match config::load(&cli.config, wc.as_deref(), config::cpu_count()) {
         Ok(c) => c,

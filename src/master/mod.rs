@@ -36,6 +36,7 @@ use crate::pidfile::{Pidfile, PidfileError};
 use crate::signals::{Event, Signals};
 use crate::spawn::Credentials;
 use crate::systemd;
+use crate::ticket::Tickets;
 use hooks::{HookRun, Outcome, Point};
 use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
 use singletons::Singletons;
@@ -143,9 +144,18 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
         nix::unistd::chown(notify.dir(), uid, gid)
             .map_err(|e| setup("runtime dir", e.to_string()))?;
     }
+    // The tickets, before any child; their HTTP servers are singletons, started first.
+    let owner = credentials.as_ref().map(|c| (c.uid.into(), c.gid.into()));
+    let tickets = Tickets::create(&config.tickets, notify.dir(), owner)
+        .map_err(|e| setup("tickets", e.to_string()))?;
+    let mut config = config;
+    tickets.add_servers(&mut config);
     let mut base_env = Environment::inherited(std::env::vars());
     base_env.set("NOTIFY_SOCKET", notify.path().display());
     base_env.set("PRESUP_MASTER_PID", std::process::id());
+    for (var, path) in tickets.env() {
+        base_env.set(var, path.display());
+    }
     let now = Instant::now();
     let on_starting =
         HookRun::new(Point::OnStarting, config.hooks.on_starting.clone(), vec![], now);
@@ -167,6 +177,7 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
         listeners,
         signals,
         notify,
+        tickets,
         pidfile,
         failure: None,
         swept: BTreeSet::new(),
@@ -202,6 +213,8 @@ struct Master {
     children: children::Children,
     signals: Signals,
     notify: NotifySocket,
+    /// The tickets' files, mapped ([`crate::ticket`]).
+    tickets: Tickets,
     /// The last `STATUS=` each child sent.
     statuses: BTreeMap<Pid, String>,
     pidfile: Option<Pidfile>,
@@ -595,7 +608,10 @@ impl Master {
                 self.pool.set_target(self.pool.target().saturating_sub(count as usize));
                 info!(workers = self.pool.target(), "TTOU: one worker fewer");
             }
-            Event::Usr1 => self.reopen_logs(),
+            Event::Usr1 => {
+                self.reopen_logs();
+                self.tickets.log_status();
+            }
             Event::Usr2 => warn!("USR2 (binary upgrade) is not supported yet; ignored"),
         }
     }
@@ -708,6 +724,9 @@ impl Master {
                 return;
             }
         };
+        let mut new = new;
+        self.tickets.check_reload(&new.tickets);
+        self.tickets.add_servers(&mut new);
         if new.workers.count > 0 && new.workers.command.is_empty() {
             error!(
                 "reload rejected: workers.command: missing required key; keeping the running one"

@@ -1,0 +1,208 @@
+//! The master's side of the tickets: it makes one file per `[tickets.NAME]` before any child
+//! starts, gives every child `PRESUP_TICKET_<NAME>`, adds a ticket-server singleton for each
+//! ticket with `http`, and logs the tickets' state when asked (USR1).
+//!
+//! Tickets are fixed for the master's life: a reload that changes them is logged and the
+//! running ones stay (a file already mapped by the children cannot change its sizes).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::fcntl::Flock;
+use nix::unistd::{Gid, Uid};
+use tracing::{info, warn};
+
+use super::file::{self, Found};
+use super::{env_var, Params, Ticket, TicketError};
+use crate::config::{self, Backoff, Ready, Restart, Signal};
+
+/// The largest sizes a ticket file may have: 8 bytes per bucket and per daily grant.
+pub const MAX_BUCKETS: u32 = 1 << 16;
+pub const MAX_DAILY_LIMIT: u64 = 1 << 20;
+
+/// The singleton name of ticket `name`'s HTTP server; `:` cannot appear in a configured
+/// singleton's name, so it never collides with one.
+pub fn server_name(name: &str) -> String {
+    format!("ticket:{name}")
+}
+
+/// The tickets of a master.
+pub struct Tickets {
+    entries: Vec<Entry>,
+    /// The program the ticket servers run: this one.
+    exe: PathBuf,
+}
+
+struct Entry {
+    name: String,
+    spec: config::Ticket,
+    ticket: Ticket,
+    /// The state file's shared lock, held while the master runs (only with `path`).
+    _lock: Option<Flock<File>>,
+}
+
+impl Tickets {
+    /// Makes every ticket: in `runtime_dir` (private to the master), or at its `path`. Files
+    /// are made readable and writable by `owner` when the children drop privileges.
+    pub fn create(
+        tickets: &BTreeMap<String, config::Ticket>,
+        runtime_dir: &Path,
+        owner: Option<(Uid, Gid)>,
+    ) -> Result<Tickets, TicketError> {
+        let boot = file::boot_id();
+        let exe = std::env::current_exe().map_err(|e| io(Path::new("/proc/self/exe"), e))?;
+        let mut entries = Vec::new();
+        for (name, spec) in tickets {
+            let p = params(name, spec)?;
+            let (path, lock) = match &spec.path {
+                None => {
+                    let path = runtime_dir.join(format!("ticket.{name}"));
+                    file::create(&path, &p, boot).map_err(|source| io(&path, source))?;
+                    (path, None)
+                }
+                Some(path) => {
+                    let (lock, found) = file::persistent(path, &p, boot).map_err(|e| match e {
+                        file::FileError::Io(source) => io(path, source),
+                        file::FileError::Refused(why) => TicketError::Config {
+                            name: name.clone(),
+                            why: format!("state file {}: {why}", path.display()),
+                        },
+                    })?;
+                    log_found(name, path, &found);
+                    (path.clone(), Some(lock))
+                }
+            };
+            if let Some((uid, gid)) = owner {
+                nix::unistd::chown(&path, Some(uid), Some(gid)).map_err(|e| io(&path, e.into()))?;
+            }
+            let ticket = Ticket::open(&path)?;
+            info!(ticket = %name, path = %path.display(), buckets = p.buckets, "ticket ready");
+            entries.push(Entry { name: name.clone(), spec: spec.clone(), ticket, _lock: lock });
+        }
+        Ok(Tickets { entries, exe })
+    }
+
+    /// `PRESUP_TICKET_<NAME>` and the path, for every ticket.
+    pub fn env(&self) -> Vec<(String, PathBuf)> {
+        self.entries.iter().map(|e| (env_var(&e.name), e.ticket.path().to_path_buf())).collect()
+    }
+
+    /// Puts the ticket-server singletons (one per ticket with `http`) first among `config`'s
+    /// singletons: they start before the others (which may use them) and stop after them.
+    pub fn add_servers(&self, config: &mut config::Config) {
+        let servers = self.servers();
+        config.singleton.retain(|s| !servers.iter().any(|t| t.name == s.name));
+        config.singleton.splice(0..0, servers);
+    }
+
+    /// The ticket-server singletons (one per ticket with `http`), running this program.
+    pub fn servers(&self) -> Vec<config::Singleton> {
+        let exe = self.exe.display().to_string();
+        let entries = self.entries.iter().filter_map(|e| Some((e, e.spec.http?)));
+        entries
+            .map(|(e, addr)| config::Singleton {
+                name: server_name(&e.name),
+                command: vec![
+                    exe.clone(),
+                    "ticket-server".into(),
+                    e.name.clone(),
+                    "--listen".into(),
+                    addr.to_string(),
+                ],
+                // It says READY=1 once bound, so that `http` may use port 0.
+                ready: Ready::Notify,
+                restart: Restart::Always,
+                env: BTreeMap::new(),
+                min_uptime: Duration::from_secs(1),
+                boot_timeout: Duration::from_secs(10),
+                stop_signal: Signal(nix::sys::signal::Signal::SIGTERM),
+                stop_timeout: Duration::from_secs(5),
+                restart_backoff: Backoff {
+                    initial: Duration::from_millis(100),
+                    max: Duration::from_secs(30),
+                    reset: Duration::from_secs(10),
+                },
+            })
+            .collect()
+    }
+
+    /// Warns if a new config changes the tickets: they stay as they are until a restart.
+    pub fn check_reload(&self, new: &BTreeMap<String, config::Ticket>) {
+        let running: BTreeMap<&String, &config::Ticket> =
+            self.entries.iter().map(|e| (&e.name, &e.spec)).collect();
+        let new: BTreeMap<&String, &config::Ticket> = new.iter().collect();
+        if running != new {
+            warn!("the new config changes [tickets]: tickets are not reloaded; the running ones stay until presup is restarted");
+        }
+    }
+
+    /// Logs each ticket's budget left and the next free instant of each bucket.
+    pub fn log_status(&self) {
+        for e in &self.entries {
+            let s = e.ticket.status();
+            let in_ = |at: u64| -> String {
+                match at.saturating_sub(s.now) {
+                    0 => "free".into(),
+                    ns => format!("in {}", humantime::format_duration(round_ms(ns))),
+                }
+            };
+            let buckets: Vec<String> =
+                s.buckets.iter().enumerate().map(|(b, &at)| format!("{b}: {}", in_(at))).collect();
+            let buckets = buckets.join(", ");
+            let (reservations, takeovers) = (s.reservations, s.takeovers);
+            match &s.daily {
+                Some(d) => info!(
+                    ticket = %e.name, %buckets, daily_left = d.left, daily_next = %in_(d.next),
+                    reservations, takeovers, "ticket status"
+                ),
+                None => info!(ticket = %e.name, %buckets, reservations, takeovers, "ticket status"),
+            }
+        }
+    }
+}
+
+fn round_ms(ns: u64) -> Duration {
+    Duration::from_millis(ns.div_ceil(1_000_000))
+}
+
+fn io(path: &Path, source: std::io::Error) -> TicketError {
+    TicketError::Io { path: path.to_path_buf(), source }
+}
+
+fn log_found(name: &str, path: &Path, found: &Found) {
+    let path = path.display();
+    match found {
+        Found::Nothing => info!(ticket = %name, %path, "state file created"),
+        Found::Kept => {
+            info!(ticket = %name, %path, "state file of this boot: its last grants are kept")
+        }
+        Found::OtherBoot => {
+            info!(ticket = %name, %path, "state file of a previous boot: started afresh")
+        }
+        Found::CarriedOver { from } => warn!(
+            ticket = %name, %path,
+            "state file made with other settings ({from:?}): its last grants are carried over"
+        ),
+    }
+}
+
+/// A ticket's params from its config, within the sizes a file may have.
+pub fn params(name: &str, spec: &config::Ticket) -> Result<Params, TicketError> {
+    let fail = |why: String| TicketError::Config { name: name.to_owned(), why };
+    if spec.buckets == 0 || spec.buckets > MAX_BUCKETS {
+        return Err(fail(format!("buckets = {} (at most {MAX_BUCKETS})", spec.buckets)));
+    }
+    let limit = spec.daily_limit.unwrap_or(0);
+    if limit > MAX_DAILY_LIMIT {
+        return Err(fail(format!("daily_limit = {limit} (at most {MAX_DAILY_LIMIT})")));
+    }
+    let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+    Ok(Params {
+        buckets: spec.buckets,
+        interval_ns: ns(spec.interval).max(1),
+        daily_limit: limit,
+        daily_period_ns: if limit > 0 { ns(spec.daily_period).max(1) } else { 0 },
+    })
+}
