@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod environment;
 pub mod listener;
@@ -29,7 +30,7 @@ pub mod logs;
 pub mod master;
 pub mod notify;
 pub mod pidfile;
+pub mod prefork;
 pub mod signals;
 pub mod spawn;
 pub mod systemd;
-pub mod ticket;

@@ -61,6 +61,12 @@ impl Pidfile {
         }
     }
 
+    /// The locked file's fd (a forked worker closes it: the lock is the master's).
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.lock.as_ref().map(|l| l.as_raw_fd())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -110,6 +110,13 @@ impl Signals {
     }
 }
 
+impl Signals {
+    /// Both ends of the self-pipe (a forked worker closes them).
+    pub fn raw_fds(&self) -> [std::os::fd::RawFd; 2] {
+        [self.read.as_raw_fd(), self._write.as_raw_fd()]
+    }
+}
+
 impl AsFd for Signals {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.read.as_fd()

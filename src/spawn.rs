@@ -199,7 +199,8 @@ impl Command {
             parent: nix::unistd::getpid().as_raw(),
             report: err_write.as_raw_fd(),
         };
-        let pid = fork_blocked(&child).map_err(SpawnError::Fork)?;
+        // SAFETY: in the child, on memory prepared before the fork.
+        let pid = fork_blocked(|| unsafe { child_main(&child) }).map_err(SpawnError::Fork)?;
         drop(err_write);
         match read_report(err_read) {
             None => Ok(pid),
@@ -248,8 +249,8 @@ struct ChildPlan<'a> {
 }
 
 /// Forks with every signal blocked (so no handler of the master runs in the child before its
-/// dispositions are reset) and runs the child side; returns the child's pid in the master.
-fn fork_blocked(plan: &ChildPlan<'_>) -> io::Result<Pid> {
+/// dispositions are reset) and runs `child` in the child; returns the child's pid in the master.
+fn fork_blocked(child: impl FnOnce()) -> io::Result<Pid> {
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write the given sets.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -263,8 +264,9 @@ fn fork_blocked(plan: &ChildPlan<'_>) -> io::Result<Pid> {
     // returns.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: in the child, on memory prepared before the fork.
-        unsafe { child_main(plan) }
+        child();
+        // SAFETY: `child` never returns; if it did, the child must not go on as the master.
+        unsafe { libc::_exit(127) }
     }
     let err = io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
@@ -283,44 +285,15 @@ fn fork_blocked(plan: &ChildPlan<'_>) -> io::Result<Pid> {
 /// Must run in a freshly forked child of a single-threaded process, with `plan` pointing to
 /// memory prepared before the fork.
 unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
-    let fail = |step: Step| -> ! {
-        let errno = *libc::__errno_location();
-        let mut msg = [0u8; 5];
-        msg[0] = step as u8;
-        msg[1..].copy_from_slice(&errno.to_ne_bytes());
-        libc::write(plan.report, msg.as_ptr().cast(), msg.len());
-        libc::_exit(127)
+    let fail = |step: Step| -> ! { report_and_exit(plan.report, step) };
+    let common = Common {
+        umask: plan.umask,
+        credentials: plan.credentials,
+        parent: plan.parent,
+        dir: plan.dir,
     };
-    if libc::setpgid(0, 0) != 0 {
-        fail(Step::Group);
-    }
-    for signo in 1..libc::SIGRTMAX() {
-        if signo != libc::SIGKILL && signo != libc::SIGSTOP {
-            libc::signal(signo, libc::SIG_DFL);
-        }
-    }
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    if let Some(mask) = plan.umask {
-        libc::umask(mask as libc::mode_t);
-    }
-    if let Some(c) = plan.credentials {
-        // Groups first, while still privileged; then the gid; the uid last.
-        if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0 && c.uid != libc::geteuid()
-            || libc::setgid(c.gid) != 0
-            || libc::setuid(c.uid) != 0
-        {
-            fail(Step::Credentials);
-        }
-    }
-    // Armed after the privilege drop, which clears it.
-    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-    if libc::getppid() != plan.parent {
-        fail(Step::Orphan);
-    }
-    if libc::chdir(plan.dir) != 0 {
-        fail(Step::Chdir);
+    if let Err(step) = common.apply() {
+        fail(step);
     }
     if place_fds(plan.fds, plan.scratch).is_err() {
         fail(Step::Fds);
@@ -330,6 +303,120 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     }
     libc::execve(plan.program, plan.argv, plan.envp);
     fail(Step::Exec)
+}
+
+/// Writes which step failed and its errno to the report pipe, then exits 127.
+///
+/// # Safety
+/// Only in a forked child.
+unsafe fn report_and_exit(report: RawFd, step: Step) -> ! {
+    let errno = *libc::__errno_location();
+    let mut msg = [0u8; 5];
+    msg[0] = step as u8;
+    msg[1..].copy_from_slice(&errno.to_ne_bytes());
+    libc::write(report, msg.as_ptr().cast(), msg.len());
+    libc::_exit(127)
+}
+
+/// What every child gets, exec'd or not: see the module's docs.
+struct Common<'a> {
+    umask: Option<u32>,
+    credentials: Option<&'a Credentials>,
+    parent: libc::pid_t,
+    dir: *const libc::c_char,
+}
+
+impl Common<'_> {
+    /// Only async-signal-safe calls.
+    ///
+    /// # Safety
+    /// Only in a freshly forked child, with `dir` pointing to memory prepared before the fork.
+    unsafe fn apply(&self) -> Result<(), Step> {
+        if libc::setpgid(0, 0) != 0 {
+            return Err(Step::Group);
+        }
+        for signo in 1..libc::SIGRTMAX() {
+            if signo != libc::SIGKILL && signo != libc::SIGSTOP {
+                libc::signal(signo, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if let Some(mask) = self.umask {
+            libc::umask(mask as libc::mode_t);
+        }
+        if let Some(c) = self.credentials {
+            // Groups first, while still privileged; then the gid; the uid last.
+            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0 && c.uid != libc::geteuid()
+                || libc::setgid(c.gid) != 0
+                || libc::setuid(c.uid) != 0
+            {
+                return Err(Step::Credentials);
+            }
+        }
+        // Armed after the privilege drop, which clears it.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+        if libc::getppid() != self.parent {
+            return Err(Step::Orphan);
+        }
+        if libc::chdir(self.dir) != 0 {
+            return Err(Step::Chdir);
+        }
+        Ok(())
+    }
+}
+
+/// A child forked without exec (the preload mode): it gets what every child gets, closes the
+/// master's own fds in `close`, then runs `body` and exits with its code through `_exit`, so
+/// that none of the master's destructors or exit handlers ever runs in it.
+pub fn fork_call(
+    dir: &Path,
+    setup: &Setup,
+    close: &[RawFd],
+    body: impl FnOnce() -> i32,
+) -> Result<Pid, SpawnError> {
+    let dir_c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| SpawnError::Nul { program: dir.display().to_string() })?;
+    let (err_read, err_write) = cloexec_pipe().map_err(SpawnError::Fork)?;
+    let common = Common {
+        umask: setup.umask,
+        credentials: setup.credentials.as_ref(),
+        parent: nix::unistd::getpid().as_raw(),
+        dir: dir_c.as_ptr(),
+    };
+    let (report, report_read) = (err_write.as_raw_fd(), err_read.as_raw_fd());
+    let pid = fork_blocked(|| {
+        // SAFETY: in the freshly forked child of the single-threaded master.
+        unsafe {
+            if let Err(step) = common.apply() {
+                report_and_exit(report, step);
+            }
+            for &fd in close.iter().chain([&report_read]) {
+                libc::close(fd);
+            }
+            // Set up: the master reads the end of the report pipe as success.
+            libc::close(report);
+        }
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
+        // SAFETY: ends the child without unwinding into the master's frames or running its
+        // exit handlers and destructors.
+        unsafe { libc::_exit(code) }
+    })
+    .map_err(SpawnError::Fork)?;
+    drop(err_write);
+    match read_report(err_read) {
+        None => Ok(pid),
+        Some((step, errno)) => {
+            let source = io::Error::from_raw_os_error(errno);
+            Err(match step {
+                Step::Chdir => SpawnError::Chdir { dir: dir.to_path_buf(), source },
+                Step::Group => SpawnError::Setup { step: "setpgid", source },
+                Step::Credentials => SpawnError::Setup { step: "dropping privileges", source },
+                _ => SpawnError::Setup { step: "the master died during the spawn", source },
+            })
+        }
+    }
 }
 
 /// Moves `fds` to 3, 4, ... (clearing close-on-exec there) and marks every fd above them

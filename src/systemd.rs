@@ -62,6 +62,11 @@ impl Manager {
         }
     }
 
+    /// The fd of the socket to systemd, if any (a forked worker closes it).
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.target.as_ref().map(|(s, _)| s.as_raw_fd())
+    }
+
     /// Whether systemd is listening.
     pub fn active(&self) -> bool {
         self.target.is_some()

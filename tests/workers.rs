@@ -242,9 +242,12 @@ fn a_crash_looping_command_ends_startup_with_exit_3_and_bounded_spawns() {
 #[test]
 fn a_command_that_cannot_execute_is_reported_with_its_path_and_error() {
     let dir = Dir::new();
-    std::fs::create_dir(dir.join("adir")).unwrap();
+    // Executable, but neither a binary nor a script (a directory is a config error instead).
+    let junk = dir.write("junk", "\u{7f}not an executable format\n");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o755)).unwrap();
     for (command, error) in
-        [("./missing", "No such file or directory"), ("./adir", "Permission denied")]
+        [("./missing", "No such file or directory"), ("./junk", "Exec format error")]
     {
         let toml = config("count = 1\nboot_attempts = 2", "").replace("./worker.sh", command);
         let mut presup = Presup::start(&dir, &toml);

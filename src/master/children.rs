@@ -2,7 +2,7 @@
 //! given (DESIGN.md §6), and looking at the children from outside: readiness probes and the
 //! list of the master's live children.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;
 
 use nix::unistd::Pid;
@@ -11,7 +11,16 @@ use crate::config::{self, Config, Hook, Ready};
 use crate::environment::{Environment, WorkerVars};
 use crate::listener::Listener;
 use crate::master::hooks::Point;
-use crate::spawn::{Command, Credentials, Setup, SpawnError};
+use crate::prefork::{Context, WorkerFn};
+use crate::spawn::{self, Command, Credentials, Setup, SpawnError};
+
+/// Which worker: its slot, the slot count and its generation.
+#[derive(Debug, Clone, Copy)]
+pub struct At {
+    pub slot: usize,
+    pub count: usize,
+    pub generation: u64,
+}
 
 /// What every child shares: the base environment (the master's, less systemd's variables,
 /// plus `NOTIFY_SOCKET` and `PRESUP_MASTER_PID`) and the privileges to drop to.
@@ -56,6 +65,47 @@ impl Children {
             Command::prepare(&config.workers.command, &env.to_vec(), &config.directory, &setup)?;
         let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
         command.spawn(&fds)
+    }
+
+    /// A worker forked without exec from the preloaded master ([`crate::prefork`]).
+    pub fn forked_worker(
+        &self,
+        at: At,
+        config: &Config,
+        listeners: &[Listener],
+        worker: &WorkerFn,
+        close: &[RawFd],
+    ) -> Result<Pid, SpawnError> {
+        let mut env = self.base_env.clone();
+        env.extend(&config.workers.env).worker(&WorkerVars {
+            slot: at.slot,
+            count: at.count,
+            generation: at.generation,
+            master_pid: self.master_pid,
+            listener_names: &[],
+        });
+        let watchdog = config.workers.watchdog;
+        if let Some(every) = watchdog {
+            env.set("WATCHDOG_USEC", every.as_micros());
+        }
+        let env = env.to_vec();
+        let setup = self.setup(config, vec![]);
+        let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+        spawn::fork_call(&config.directory, &setup, close, || {
+            // The child is single-threaded: its environment becomes the worker's.
+            for (key, _) in std::env::vars_os() {
+                std::env::remove_var(key);
+            }
+            for (key, value) in &env {
+                std::env::set_var(key, value);
+            }
+            if watchdog.is_some() {
+                std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+            }
+            let listeners =
+                names.iter().cloned().zip(listeners.iter().map(|l| l.as_fd())).collect();
+            worker(Context { slot: at.slot, count: at.count, generation: at.generation, listeners })
+        })
     }
 
     pub fn singleton(&self, spec: &config::Singleton, config: &Config) -> Result<Pid, SpawnError> {

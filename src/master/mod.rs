@@ -16,7 +16,7 @@ pub mod pool;
 pub mod singletons;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,8 @@ pub enum MasterError {
     Singleton { name: String, why: String },
     #[error("cannot set up the master: {0}")]
     Setup(String),
+    #[error("preload left {0} threads running; the master refuses to fork: fork() copies only the calling thread, so a lock another thread holds stays locked forever in the workers. Join the threads before preload returns, or start them in the worker function")]
+    Threads(usize),
     #[error("the master failed: {0}")]
     Runtime(String),
 }
@@ -70,10 +72,22 @@ impl MasterError {
     }
 }
 
-/// How the master was started: where its config lives and how to re-read it.
+/// How the master was started: where its config lives and how to re-read it, and whether its
+/// workers are forked from this program ([`crate::prefork`]) instead of exec'd.
 pub struct Options {
     pub config_path: PathBuf,
     pub log_sink: Sink,
+    pub in_process: Option<InProcess>,
+}
+
+pub use crate::prefork::InProcess;
+
+/// A config the master can run: exec'd workers need `[workers] command`.
+pub fn check_command(config: &Config, in_process: bool) -> Result<(), String> {
+    if !in_process && config.workers.count > 0 && config.workers.command.is_empty() {
+        return Err("workers.command: missing required key".into());
+    }
+    Ok(())
 }
 
 /// Where the master is in its life (DESIGN.md §2).
@@ -120,7 +134,7 @@ impl Stage {
 }
 
 /// Runs the master until it stops. `Ok` is a clean stop (exit 0).
-pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
+pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
     let setup = |what: &str, e: String| MasterError::Setup(format!("{what}: {e}"));
     // First, before any fd is opened: the sockets systemd passed, made close-on-exec.
     let inherited = systemd::inherited_listeners().map_err(BindError::from)?;
@@ -136,6 +150,16 @@ pub fn run(config: Config, options: Options) -> Result<(), MasterError> {
         let from = if inherited { "systemd" } else { "presup" };
         info!(name = %l.name, %address, bound_by = %from, "listening");
         listeners.push(l);
+    }
+    if let Some(in_process) = &mut options.in_process {
+        info!("preload");
+        let began = Instant::now();
+        in_process.preload();
+        let threads = crate::prefork::thread_count();
+        if threads > 1 {
+            return Err(MasterError::Threads(threads));
+        }
+        info!(took = %humantime::format_duration(round_ms(began.elapsed())), "preload finished");
     }
     let notify = NotifySocket::create().map_err(|e| setup("notification socket", e.to_string()))?;
     if let Some(c) = &credentials {
@@ -573,7 +597,19 @@ impl Master {
 
     fn spawn_worker(&mut self, slot: usize, generation: u64, now: Instant) {
         let count = self.pool.target();
-        match self.children.worker(slot, count, generation, &self.config, &self.listeners) {
+        let forked = self.options.in_process.as_ref().and_then(InProcess::worker);
+        let result = match forked {
+            None => self.children.worker(slot, count, generation, &self.config, &self.listeners),
+            Some(worker) => {
+                let mut close = self.signals.raw_fds().to_vec();
+                close.push(self.notify.as_fd().as_raw_fd());
+                close.extend(self.systemd.raw_fd());
+                close.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
+                let at = children::At { slot, count, generation };
+                self.children.forked_worker(at, &self.config, &self.listeners, worker, &close)
+            }
+        };
+        match result {
             Ok(pid) => {
                 info!(slot, pid = pid.as_raw(), generation, "worker spawned");
                 self.pool.spawned(slot, generation, pid, now);
@@ -727,11 +763,9 @@ impl Master {
         let mut new = new;
         self.tickets.check_reload(&new.tickets);
         self.tickets.add_servers(&mut new);
-        if new.workers.count > 0 && new.workers.command.is_empty() {
-            error!(
-                "reload rejected: workers.command: missing required key; keeping the running one"
-            );
-            self.reload_rejected("workers.command is missing in the new config".into());
+        if let Err(e) = check_command(&new, self.options.in_process.is_some()) {
+            error!("reload rejected: {e}; keeping the running one");
+            self.reload_rejected(format!("{e} in the new config"));
             return;
         }
         if let Err(e) = self.rebind(&new) {

@@ -189,11 +189,26 @@ impl Presup {
     /// ends where presup's begins, like `systemd-socket-activate -l ...`). `pid()` is then the
     /// wrapper's: [`Presup::master_pid`] is the master's.
     pub fn start_via(dir: &Dir, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Presup {
+        Presup::launch(dir, bin(), wrapper, args, env)
+    }
+
+    /// Starts `program`, a program built on `presup::prefork` (it takes presup's options).
+    pub fn start_program(dir: &Dir, program: &str, args: &[&str]) -> Presup {
+        Presup::launch(dir, program, &[], args, &[])
+    }
+
+    fn launch(
+        dir: &Dir,
+        program: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Presup {
         let mut cmd = match wrapper.split_first() {
-            None => Command::new(bin()),
-            Some((program, rest)) => {
-                let mut c = Command::new(program);
-                c.args(rest).arg(bin());
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
                 c
             }
         };

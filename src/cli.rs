@@ -1,0 +1,100 @@
+//! The command line the `presup` binary and every program built on [`crate::prefork`] share:
+//! `-c FILE`, `--log-level`, `--log-format`, `--log-file`, and what running the master means
+//! (load the config, start the log, run, map the outcome to an exit code of DESIGN.md §4: 0 a
+//! clean stop, 1 the master failed while running, 2 usage or config error, 3 startup failed).
+//! Errors are printed once, here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config;
+use crate::logs::{self, Format, Sink};
+use crate::master::{self, InProcess};
+
+/// The options every presup program takes; `#[command(flatten)]` them into a program's own
+/// `clap` parser to add options of its own.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The config file.
+    #[arg(short = 'c', long = "config", global = true, default_value = "supervisor.toml")]
+    pub config: PathBuf,
+    /// Log filter: error, warn, info, debug, trace (or a tracing filter like `presup=debug`).
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: Format,
+    /// Append the log to this file instead of stderr (USR1 reopens it).
+    #[arg(long, global = true)]
+    pub log_file: Option<PathBuf>,
+}
+
+/// Loads the config named by `args`: every error printed, `Err` holding exit code 2.
+/// `in_process` says whether workers are forked from this program (no `[workers] command`).
+pub fn load(args: &Args, in_process: bool) -> Result<config::Config, ExitCode> {
+    let wc = std::env::var("WEB_CONCURRENCY").ok();
+    let config = match config::load(&args.config, wc.as_deref(), config::cpu_count()) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("presup: {errors}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    if let Err(e) = master::check_command(&config, in_process) {
+        eprintln!("presup: {}: {e}", config.path.display());
+        return Err(ExitCode::from(2));
+    }
+    Ok(config)
+}
+
+/// `presup check`: validates the config and prints it resolved (exit 0), or every error (2).
+pub fn check(args: &Args) -> ExitCode {
+    let config = match load(args, false) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match toml::to_string_pretty(&config) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("presup: cannot print the resolved config: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the master in the foreground until it stops; workers are exec'd from `[workers]
+/// command`, or forked from this program when `in_process` is given.
+pub fn run(args: &Args, in_process: Option<InProcess>) -> ExitCode {
+    let config = match load(args, in_process.is_some()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let sink = match &args.log_file {
+        None => Sink::stderr(),
+        Some(path) => match Sink::file(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("presup: --log-file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Err(e) = logs::init(&args.log_level, args.log_format, sink.clone()) {
+        eprintln!("presup: {e}");
+        return ExitCode::from(2);
+    }
+    let options = master::Options { config_path: config.path.clone(), log_sink: sink, in_process };
+    match master::run(config, options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            if args.log_file.is_some() {
+                eprintln!("presup: {e}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

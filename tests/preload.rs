@@ -1,0 +1,185 @@
+//! presup as a library (`examples/preload.rs`): `preload` runs once in the master however many
+//! workers start and restart, every worker sees the state, a write in one worker is not seen by
+//! another, a preload that leaves a thread running ends in exit 3, and TERM, HUP and hooks
+//! behave as in exec mode.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{wait_until, Dir, Presup, DEADLINE};
+use nix::sys::signal::Signal;
+
+/// The example program, beside the `presup` binary: `cargo test` builds the examples, a
+/// filtered run (`--test preload`) does not, so it is built here then (cargo's lock makes
+/// concurrent builds wait for each other).
+fn example() -> String {
+    let bin = PathBuf::from(common::bin());
+    let path = bin.parent().unwrap().join("examples").join("preload");
+    if !path.exists() {
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "--example", "preload"]);
+        cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
+        if bin.parent().unwrap().ends_with("release") {
+            cargo.arg("--release");
+        }
+        assert!(cargo.status().unwrap().success(), "cargo build --example preload failed");
+    }
+    path.display().to_string()
+}
+
+fn config(count: usize, extra: &str) -> String {
+    format!(
+        "graceful_timeout = \"5s\"\n{extra}\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n[workers]\ncount = {count}\nready = \"notify\"\nboot_timeout = \"30s\"\n"
+    )
+}
+
+/// Starts the example (`presup.pid()` is the master) with an 8 MB table.
+fn start(dir: &Dir, toml: &str, extra: &[&str]) -> Presup {
+    dir.write("supervisor.toml", toml);
+    let log = dir.join("preloads").display().to_string();
+    let mut args = vec!["--mb", "8", "--preload-log", &log];
+    args.extend_from_slice(extra);
+    Presup::start_program(dir, &example(), &args)
+}
+
+/// The same entry function as the example's.
+fn entry(i: u64) -> u64 {
+    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i >> 7)
+}
+
+fn get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{out}");
+    body.trim().to_owned()
+}
+
+/// `pid P ...` → P.
+fn pid_of(body: &str) -> i32 {
+    let words: Vec<&str> = body.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "pid").unwrap();
+    words[at + 1].parse().unwrap()
+}
+
+/// Records every worker the log names in the harness's `pids`, so that none may outlive the
+/// test (forked workers run no fixture script that would record itself).
+fn record_workers(dir: &Dir, presup: &Presup) {
+    let pids: String = presup
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("worker spawned"))
+        .map(|l| {
+            format!("{}\n", l.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap())
+        })
+        .collect();
+    std::fs::write(dir.join("pids"), format!("{}{pids}", dir.read("pids"))).unwrap();
+}
+
+#[test]
+fn preload_runs_once_every_worker_shares_it_and_a_write_stays_in_its_worker() {
+    let dir = Dir::new();
+    let presup = start(&dir, &config(3, ""), &[]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    assert_eq!(dir.lines("preloads"), [format!("preload {}", presup.pid())]);
+
+    // Every worker serves from the table the master built.
+    let want = entry(123_456).to_string();
+    let mut seen = std::collections::BTreeSet::new();
+    wait_until("all three workers answering a lookup", DEADLINE, || {
+        assert_eq!(get(port, "/lookup/123456"), want);
+        seen.insert(pid_of(&get(port, "/")));
+        (seen.len() == 3).then_some(())
+    });
+
+    // A write in one worker (its copy-on-write page) is not seen by the others.
+    let poked = pid_of(&get(port, "/poke"));
+    let mut others = std::collections::BTreeSet::new();
+    wait_until("the two other workers answering /marker", DEADLINE, || {
+        let body = get(port, "/marker");
+        let (pid, marker) = (pid_of(&body), body.rsplit(' ').next().unwrap().to_owned());
+        if pid == poked {
+            assert_eq!(marker, poked.to_string(), "{body}");
+        } else {
+            assert_eq!(marker, "0", "a write in {poked} was seen by {pid}: {body}");
+            others.insert(pid);
+        }
+        (others.len() == 2).then_some(())
+    });
+
+    // A killed worker is forked again from the preloaded master: no second preload.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(poked), Signal::SIGKILL).unwrap();
+    presup.log.wait_for_nth("worker spawned", 4);
+    let line = presup.log.wait_for_nth("worker up (READY=1)", 4);
+    let new = line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap();
+    let new: i32 = new.parse().unwrap();
+    wait_until("the new worker answering", DEADLINE, || {
+        let body = get(port, "/");
+        (pid_of(&body) == new).then_some(())
+    });
+    assert_eq!(dir.lines("preloads").len(), 1, "preload ran again");
+    record_workers(&dir, &presup);
+}
+
+#[test]
+fn a_preload_that_leaves_a_thread_running_ends_in_exit_3() {
+    let dir = Dir::new();
+    let mut presup = start(&dir, &config(2, ""), &["--leave-thread"]);
+    assert_eq!(presup.wait_exit(), Some(3));
+    let log = presup.log.text();
+    assert!(log.contains("preload left 2 threads running; the master refuses to fork"), "{log}");
+    assert!(log.contains("Join the threads before preload returns"), "{log}");
+    assert_eq!(presup.log.count("worker spawned"), 0);
+}
+
+#[test]
+fn term_hup_and_hooks_behave_as_in_exec_mode() {
+    let dir = Dir::new();
+    dir.script("hook.sh", "echo \"$PRESUP_HOOK\" >> hooks");
+    let hooks = "[hooks]\non_starting = [{ command = [\"./hook.sh\"] }]\non_reload = [{ command = [\"./hook.sh\"] }]\non_exit = [{ command = [\"./hook.sh\"] }]\n";
+    let mut presup = start(&dir, &config(2, hooks), &[]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    assert_eq!(dir.lines("hooks"), ["on_starting"]);
+    // The workers see the variables of an exec'd worker.
+    let body = get(port, "/");
+    assert!(body.contains("generation 1") && body.contains("entries 1048576"), "{body}");
+    let env = |name: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET /env/{name} HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        head.starts_with("HTTP/1.0 200").then(|| body.trim().to_owned())
+    };
+    assert_eq!(env("PRESUP_MASTER_PID"), Some(presup.pid().to_string()));
+    assert_eq!(env("PRESUP_GENERATION").as_deref(), Some("1"));
+    assert_eq!(env("PRESUP_WORKER_COUNT").as_deref(), Some("2"));
+    assert!(env("NOTIFY_SOCKET").is_some_and(|p| p.contains(&format!("presup-{}-", presup.pid()))));
+    assert_eq!(env("LISTEN_FDS"), None, "no fds at 3.. in a forked worker");
+
+    presup.signal(Signal::SIGHUP);
+    presup.log.wait_for("reload done: every worker");
+    let mut generations = std::collections::BTreeSet::new();
+    wait_until("both workers at generation 2", DEADLINE, || {
+        let body = get(port, "/");
+        assert!(body.contains("generation 2"), "an old worker still answers: {body}");
+        generations.insert(pid_of(&body));
+        (generations.len() == 2).then_some(())
+    });
+    assert_eq!(dir.lines("hooks"), ["on_starting", "on_reload"]);
+    assert_eq!(dir.lines("preloads").len(), 1, "HUP does not rebuild the preloaded state");
+
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert_eq!(dir.lines("hooks"), ["on_starting", "on_reload", "on_exit"]);
+    record_workers(&dir, &presup);
+}
