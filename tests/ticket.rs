@@ -1,0 +1,390 @@
+//! The ticket (issue 5): real processes racing for turns, killed while they wait, the master's
+//! side (the environment, the CLI, USR1, a state file across restarts) and the HTTP endpoint
+//! with real clients, hanging up included.
+//!
+//! Racing processes are this test binary run again as `child_entry` (one test that does
+//! nothing unless `TICKET_CHILD` is set), so that each takes turns through the Rust API and
+//! records the instant of each grant.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, Dir, Presup, DEADLINE};
+use nix::sys::signal::Signal;
+use presup::config;
+use presup::ticket::{self, Ticket, Tickets};
+
+const MS: u64 = 1_000_000;
+
+/// One racing process: `TICKET_CHILD=path`, takes `TICKET_COUNT` turns for `TICKET_SHARD`
+/// and appends `bucket at returned` (ns of CLOCK_MONOTONIC) to `TICKET_OUT` for each.
+#[test]
+fn child_entry() {
+    let Some(path) = std::env::var_os("TICKET_CHILD") else { return };
+    let var = |name: &str| std::env::var(name).unwrap();
+    let ticket = Ticket::open(Path::new(&path)).unwrap();
+    let (shard, count): (u64, u64) =
+        (var("TICKET_SHARD").parse().unwrap(), var("TICKET_COUNT").parse().unwrap());
+    let mut out =
+        std::fs::OpenOptions::new().append(true).create(true).open(var("TICKET_OUT")).unwrap();
+    for _ in 0..count {
+        let g = ticket.acquire(shard);
+        let returned = ticket::now();
+        // One write per line, O_APPEND: lines of different processes never mix.
+        out.write_all(format!("{} {} {returned}\n", g.bucket, g.at).as_bytes()).unwrap();
+    }
+}
+
+/// Racing processes, killed and reaped when dropped.
+struct Racers {
+    children: Vec<Child>,
+}
+
+impl Racers {
+    fn spawn(&mut self, path: &Path, shard: u64, count: u64, out: &Path) {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+            .env("TICKET_CHILD", path)
+            .env("TICKET_SHARD", shard.to_string())
+            .env("TICKET_COUNT", count.to_string())
+            .env("TICKET_OUT", out)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// Waits for every racer to exit 0.
+    fn wait_all(&mut self, deadline: Duration) {
+        let end = Instant::now() + deadline;
+        for c in &mut self.children {
+            loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    assert!(status.success(), "a racer failed: {status}");
+                    break;
+                }
+                assert!(Instant::now() < end, "racers still running after {deadline:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Racers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A ticket file made as the master makes it, in `dir`.
+fn make_ticket(dir: &Path, spec: config::Ticket) -> (Tickets, PathBuf) {
+    let tickets = Tickets::create(&BTreeMap::from([("t".to_owned(), spec)]), dir, None).unwrap();
+    let path = tickets.env()[0].1.clone();
+    (tickets, path)
+}
+
+fn spec(interval: Duration, buckets: u32, daily: Option<(u64, Duration)>) -> config::Ticket {
+    config::Ticket {
+        interval,
+        buckets,
+        daily_limit: daily.map(|d| d.0),
+        daily_period: daily.map_or(Duration::from_secs(86400), |d| d.1),
+        http: None,
+        path: None,
+    }
+}
+
+/// The grants recorded in `out`: `(bucket, at, returned)`.
+fn grants(out: &Path) -> Vec<(u32, u64, u64)> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let f: Vec<u64> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+            (f[0] as u32, f[1], f[2])
+        })
+        .collect()
+}
+
+/// Per bucket, the grant instants in order, checked at least `interval` apart (exactly: the
+/// instants are the ticket's own arithmetic) and never returned before their instant.
+fn by_bucket(grants: &[(u32, u64, u64)], interval: u64) -> BTreeMap<u32, Vec<u64>> {
+    let mut out: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for &(b, at, returned) in grants {
+        assert!(returned >= at, "returned at {returned}, before its grant at {at}");
+        out.entry(b).or_default().push(at);
+    }
+    for (b, ats) in &mut out {
+        ats.sort_unstable();
+        for w in ats.windows(2) {
+            assert!(w[1] - w[0] >= interval, "bucket {b}: grants {} ns apart", w[1] - w[0]);
+        }
+    }
+    out
+}
+
+#[test]
+fn sixteen_processes_share_four_buckets_exactly() {
+    let dir = Dir::new();
+    let interval = 20 * MS;
+    let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_millis(20), 4, None));
+    let out = dir.join("grants");
+    let mut racers = Racers { children: vec![] };
+    for p in 0..16 {
+        racers.spawn(&path, p, 100, &out);
+    }
+    racers.wait_all(Duration::from_secs(60));
+    let all = grants(&out);
+    assert_eq!(all.len(), 1600);
+    let buckets = by_bucket(&all, interval);
+    assert_eq!(buckets.len(), 4);
+    // 400 turns per bucket, back to back: the ideal is 399 intervals from first to last.
+    let ideal = 399 * interval;
+    for (b, ats) in &buckets {
+        assert_eq!(ats.len(), 400);
+        let took = ats[399] - ats[0];
+        assert!(took <= ideal + ideal / 10, "bucket {b}: {took} ns for 400 turns, ideal {ideal}");
+    }
+    let first = all.iter().map(|g| g.1).min().unwrap();
+    let last = all.iter().map(|g| g.2).max().unwrap();
+    assert!(last - first <= ideal + ideal / 10, "{} ns in all, ideal {ideal}", last - first);
+}
+
+#[test]
+fn the_daily_limit_holds_while_processes_are_killed_as_they_wait() {
+    let dir = Dir::new();
+    let (interval, limit, period) = (5 * MS, 20, 400 * MS);
+    let daily = Some((limit, Duration::from_nanos(period)));
+    let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_nanos(interval), 2, daily));
+    let out = dir.join("grants");
+    let mut racers = Racers { children: vec![] };
+    for p in 0..6 {
+        racers.spawn(&path, p, u64::MAX, &out);
+    }
+    // For 1.2 s, SIGKILL one racer every 30 ms (in a reservation, or asleep until its turn)
+    // and start another.
+    let mut seed = 7u64;
+    let end = Instant::now() + Duration::from_millis(1200);
+    let mut killed = 0;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(30));
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let i = (seed >> 33) as usize % racers.children.len();
+        let mut c = racers.children.remove(i);
+        c.kill().unwrap();
+        c.wait().unwrap();
+        killed += 1;
+        racers.spawn(&path, seed % 7, u64::MAX, &out);
+    }
+    drop(racers);
+    let all = grants(&out);
+    by_bucket(&all, interval);
+    let mut ats: Vec<u64> = all.iter().map(|g| g.1).collect();
+    ats.sort_unstable();
+    for (i, &start) in ats.iter().enumerate() {
+        let n = ats[i..].iter().take_while(|&&at| at < start + period).count();
+        assert!(n as u64 <= limit, "{n} grants in a window of {period} ns");
+    }
+    // More than one budget's worth: the racers waited for the window to move (turns reserved
+    // by killed racers count as spent, so not much more).
+    assert!(all.len() as u64 > limit, "{} grants", all.len());
+    // Nothing is left locked or wedged: a new process gets its turn.
+    let ticket = Ticket::open(&path).unwrap();
+    let status = ticket.status();
+    eprintln!("{killed} racers killed; {} grants; {status:?}", all.len());
+    ticket.acquire_timeout(0, Duration::from_secs(5)).expect("a turn within the daily window");
+}
+
+/// `presup ticket` run by the test, with the ticket of a running master.
+fn cli(path: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(common::bin())
+        .arg("ticket")
+        .args(args)
+        .env("PRESUP_TICKET_T", path)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn children_and_their_children_reach_the_ticket_and_usr1_logs_it() {
+    let dir = Dir::new();
+    // A worker's grandchild, started by Python's subprocess (which closes inherited fds),
+    // takes a turn with the CLI and records where the ticket is.
+    let bin = common::bin();
+    let script = dir.script(
+        "worker.sh",
+        &format!(
+            "trap '' USR1\npython3 -c 'import subprocess, os\n\
+             subprocess.run([\"{bin}\", \"ticket\", \"t\", \"--shard\", os.environ[\"PRESUP_WORKER_ID\"]], check=True)\n\
+             open(\"granted\", \"a\").write(os.environ[\"PRESUP_TICKET_T\"] + \"\\n\")'\nexec sleep 60"
+        ),
+    );
+    let toml = format!(
+        "[workers]\ncommand = [\"{}\"]\ncount = 2\nmin_uptime = \"100ms\"\n\n\
+         [tickets.t]\ninterval = \"1h\"\nbuckets = 2\ndaily_limit = 5\n",
+        script.display()
+    );
+    let presup = Presup::start(&dir, &toml);
+    let paths = wait_until("both workers granted", DEADLINE, || {
+        let lines = dir.lines("granted");
+        (lines.len() == 2).then_some(lines)
+    });
+    assert_eq!(paths[0], paths[1]);
+    let path = PathBuf::from(&paths[0]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    // Both buckets are spent for an hour: a turn within 100 ms is refused at once (exit 1),
+    // an unknown ticket is a usage error (exit 2).
+    let (code, err) = cli(&path, &["t", "--shard", "3", "--timeout", "100ms"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("after the timeout of 100ms"), "{err}");
+    let (code, err) = cli(&path, &["other"]);
+    assert_eq!((code, err.contains("PRESUP_TICKET_OTHER is not set")), (Some(2), true), "{err}");
+    presup.signal(Signal::SIGUSR1);
+    let line = presup.log.wait_for("ticket status");
+    assert!(line.contains("ticket=t") && line.contains("daily_left=3"), "{line}");
+    assert!(line.contains("0: in 59m") && line.contains("1: in 59m"), "{line}");
+}
+
+#[test]
+fn a_state_file_keeps_the_last_grants_across_a_restart_of_the_master() {
+    let dir = Dir::new();
+    let bin = common::bin();
+    let script = dir.script(
+        "worker.sh",
+        &format!("\"{bin}\" ticket t && echo granted >> granted\nexec sleep 60"),
+    );
+    let toml = format!(
+        "[workers]\ncommand = [\"{}\"]\ncount = 1\nmin_uptime = \"100ms\"\n\n\
+         [tickets.t]\ninterval = \"700ms\"\npath = \"t.ticket\"\n",
+        script.display()
+    );
+    let state = dir.join("t.ticket");
+    let next_free = || Ticket::open(&state).unwrap().status().buckets[0];
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("state file created");
+    wait_until("a grant", DEADLINE, || (dir.lines("granted").len() == 1).then_some(()));
+    let first = next_free() - 700 * MS;
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    drop(presup);
+    // Restarted at once: the new worker's turn comes a full interval after the last one.
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("state file of this boot: its last grants are kept");
+    wait_until("a second grant", DEADLINE, || (dir.lines("granted").len() == 2).then_some(()));
+    let second = next_free() - 700 * MS;
+    assert!(second >= first + 700 * MS, "granted {} ns after the last", second - first);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    drop(presup);
+    // A state of another boot (its boot id, at bytes 40..56 of the header, differs) is
+    // forgotten: CLOCK_MONOTONIC restarted with the machine.
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[40..56].fill(0x5a);
+    std::fs::write(&state, &bytes).unwrap();
+    let presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("state file of a previous boot: started afresh");
+    wait_until("a third grant", DEADLINE, || (dir.lines("granted").len() == 3).then_some(()));
+}
+
+/// The ticket server's port, from its log line.
+fn server_port(presup: &Presup) -> u16 {
+    let line = presup.log.wait_for("ticket server listening");
+    let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A real HTTP client (Python's urllib) asking `url`; returns its status and body.
+fn urllib(method: &str, url: &str) -> (u16, String) {
+    let code = format!(
+        "import urllib.request as u, sys\n\
+         r = u.urlopen(u.Request('{url}', method='{method}', data=b'x' if '{method}' == 'POST' else None), timeout=20)\n\
+         sys.stdout.write(str(r.status) + ' ' + r.read().decode())"
+    );
+    let out = Command::new("python3").args(["-c", &code]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (status, body) = text.split_once(' ').unwrap();
+    (status.parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
+    let dir = Dir::new();
+    let script = dir.script("worker.sh", "echo \"$PRESUP_TICKET_T\" > path\nexec sleep 60");
+    let toml = format!(
+        "[workers]\ncommand = [\"{}\"]\ncount = 1\nmin_uptime = \"100ms\"\n\n\
+         [tickets.t]\ninterval = \"300ms\"\nbuckets = 2\nhttp = \"127.0.0.1:0\"\n",
+        script.display()
+    );
+    let presup = Presup::start(&dir, &toml);
+    let port = server_port(&presup);
+    let base = format!("http://127.0.0.1:{port}");
+    let message = r#"{"message": "You're free to connect now! :)"}"#;
+    assert_eq!(urllib("GET", &format!("{base}/?shard=0")), (200, message.to_owned()));
+    // Any method and path; without a shard, bucket 0, logged.
+    assert_eq!(urllib("POST", &format!("{base}/gateway/queue")), (200, message.to_owned()));
+    presup.log.wait_for("request without shard: bucket 0");
+    // Three clients of bucket 0 at once: the last is answered two intervals after the first
+    // grant at the earliest (grants come after the requests, so this bound is exact).
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for shard in [2, 4, 6] {
+            let url = format!("{base}/?shard={shard}");
+            s.spawn(move || assert_eq!(urllib("GET", &url).0, 200));
+        }
+    });
+    assert!(started.elapsed() >= Duration::from_millis(600), "{:?}", started.elapsed());
+    // Twenty clients of bucket 1 ask and hang up at once.
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /?shard=1 HTTP/1.1\r\nHost: q\r\n\r\n").unwrap();
+    }
+    // Nothing is wedged: every connection thread ends (the server is back to its one thread)
+    // and at most one turn of bucket 1 was taken, not twenty.
+    let server = presup.log.wait_for("singleton spawned singleton=ticket:t");
+    let pid: i32 = server.split("pid=").nth(1).unwrap().trim().parse().unwrap();
+    let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
+    wait_until("the server's threads to end", DEADLINE, || (threads() == 1).then_some(()));
+    let path = wait_until("the worker's record", DEADLINE, || {
+        let path = dir.read("path");
+        (!path.trim().is_empty()).then(|| PathBuf::from(path.trim()))
+    });
+    let ticket = Ticket::open(&path).unwrap();
+    let status = ticket.status();
+    assert!(status.buckets[1] <= status.now + 300 * MS, "{status:?}");
+    // Two requests on one kept-alive connection, the second waiting its turn.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(
+        b"GET /?shard=3 HTTP/1.1\r\n\r\nHEAD /?shard=5 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert_eq!(answer.matches(message).count(), 1, "HEAD has no body: {answer}");
+    // A client that hangs up while it is the head of the queue, its turn reserved: the turn
+    // is given back. (The test first reserves five turns of bucket 0, 1.5 s of them, so that
+    // the hang-up surely comes before the turn.)
+    for _ in 0..5 {
+        ticket.reserve(0, None).unwrap();
+    }
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /?shard=0 HTTP/1.1\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(s);
+    let line = presup.log.wait_for("client hung up while waiting");
+    assert!(line.contains("its turn given back"), "{line}");
+}
