@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use presup::config;
 use presup::ticket::{self, Ticket, Tickets};
 
@@ -387,4 +388,122 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     drop(s);
     let line = presup.log.wait_for("client hung up while waiting");
     assert!(line.contains("its turn given back"), "{line}");
+}
+
+/// A free TCP port on the loopback (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The stand-in gateway of examples/sharded-bot, killed when dropped.
+struct Gateway {
+    child: Child,
+    port: u16,
+}
+
+impl Gateway {
+    fn start(dir: &Dir, args: &[&str]) -> Gateway {
+        let port_file = dir.join("gateway.port");
+        let _ = std::fs::remove_file(&port_file);
+        let child = Command::new("python3")
+            .args(["gateway.py", "--port", "0", "--port-file"])
+            .arg(&port_file)
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let port = wait_until("the gateway's port", DEADLINE, || {
+            std::fs::read_to_string(&port_file).ok()?.trim().parse().ok()
+        });
+        Gateway { child, port }
+    }
+
+    /// `(identifies, violations, live shards)`.
+    fn stats(&self) -> (u64, u64, usize) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"STATS\n").unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+        let num = |key: &str| -> u64 {
+            let rest = line.split(&format!("\"{key}\": ")).nth(1).unwrap();
+            rest.split([',', '}']).next().unwrap().trim().parse().unwrap()
+        };
+        let live = line.split("\"live\": [").nth(1).unwrap().split(']').next().unwrap();
+        (
+            num("identifies"),
+            num("violations"),
+            live.split(',').filter(|s| !s.trim().is_empty()).count(),
+        )
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pid of the `n`-th worker spawned in `slot`, from the master's log.
+fn worker_pid(presup: &Presup, slot: usize, n: usize) -> i32 {
+    let line = presup.log.wait_for_nth(&format!("worker spawned slot={slot} "), n);
+    line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kills() {
+    let dir = Dir::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sharded-bot");
+    for name in ["supervisor.toml", "bot.py", "gateway.py"] {
+        std::fs::copy(src.join(name), dir.join(name)).unwrap();
+    }
+    // 250 ms turns instead of 1 s; the gateway allows 100 ms of jitter on arrival.
+    let gateway = Gateway::start(&dir, &["--interval", "0.25", "--buckets", "2", "--slack", "0.1"]);
+    let http = free_port();
+    let toml = dir
+        .read("supervisor.toml")
+        .replace("interval = \"1s\"", "interval = \"250ms\"")
+        .replace("127.0.0.1:8090", &format!("127.0.0.1:{}", gateway.port))
+        .replace("127.0.0.1:8091", &format!("127.0.0.1:{http}"));
+    dir.write("supervisor.toml", &toml);
+    let pids = dir.join("pids").display().to_string();
+    let env = [("PRESUP", common::bin()), ("EXAMPLE_PIDS", pids.as_str())];
+    let presup = Presup::start_with(&dir, &[], &env);
+    let all_live = |identifies: u64| {
+        wait_until("32 live shards", Duration::from_secs(30), || {
+            let (n, violations, live) = gateway.stats();
+            assert_eq!(violations, 0, "the gateway refused an IDENTIFY");
+            (live == 32 && n >= identifies).then_some(n)
+        })
+    };
+    let first = all_live(32);
+    // Workers 1 (HTTP) and 2 (CLI) are killed with their children; their 16 shards identify
+    // again. The new worker 1 is killed too while its shards wait for their turns.
+    for slot in [1, 2] {
+        nix::sys::signal::killpg(Pid::from_raw(worker_pid(&presup, slot, 1)), Signal::SIGKILL)
+            .unwrap();
+    }
+    let again = worker_pid(&presup, 1, 2);
+    presup.log.wait_for("ticket:identify");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::killpg(Pid::from_raw(again), Signal::SIGKILL).unwrap();
+    worker_pid(&presup, 1, 3);
+    let second = all_live(first + 16);
+    let (_, violations, _) = gateway.stats();
+    assert_eq!(violations, 0);
+    // The same bot without the ticket: the gateway refuses its IDENTIFYs.
+    let mut rogue = Command::new("python3")
+        .arg("bot.py")
+        .current_dir(dir.path())
+        .env("BOT_NO_TICKET", "1")
+        .env("GATEWAY", format!("127.0.0.1:{}", gateway.port))
+        .env("SHARD_COUNT", "8")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("refused IDENTIFYs", DEADLINE, || (gateway.stats().1 > 0).then_some(()));
+    let _ = rogue.kill();
+    let _ = rogue.wait();
+    eprintln!("identifies: {first} at start, {second} after the kills");
 }
