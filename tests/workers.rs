@@ -374,6 +374,8 @@ while :; do sleep 1 & wait $!; done"#,
     );
     let presup = Presup::start(&dir, &config("count = 2", ""));
     wait_ups(&dir, 2);
+    // Forwarded to workers that are up (one still starting might not have its handler yet).
+    presup.log.wait_for("ready: all workers up");
     presup.signal(Signal::SIGUSR1);
     wait_until("both workers got USR1", DEADLINE, || {
         (dir.lines("events").iter().filter(|l| l.starts_with("usr1")).count() == 2).then_some(())

@@ -544,6 +544,15 @@ impl Master {
                 pool::Action::Signal { pid, slot, signal, why } => {
                     if why == StopWhy::Retired || why == StopWhy::Surplus {
                         info!(slot, pid = pid.as_raw(), signal = signal.as_str(), reason = ?why, "stopping worker");
+                    } else if why == StopWhy::Watchdog {
+                        let every = self.config.workers.watchdog.unwrap_or_default();
+                        let every = humantime::format_duration(every);
+                        warn!(
+                            slot,
+                            pid = pid.as_raw(),
+                            signal = signal.as_str(),
+                            "watchdog timeout: no WATCHDOG=1 within {every}"
+                        );
                     }
                     // The group is gone if every process in it died: the reaper will tell.
                     let _ = killpg(pid, signal);
@@ -868,9 +877,20 @@ impl Master {
         if let Err(e) = self.options.log_sink.reopen() {
             error!("USR1: cannot reopen the log file: {e}");
         }
-        info!("USR1: log reopened, forwarded to the workers and singletons");
-        let workers = self.pool.workers().map(|(pid, _)| pid);
-        let singletons = self.singletons.entries().iter().filter_map(|e| e.pid());
+        info!("USR1: log reopened, forwarded to the workers and singletons that are up");
+        // Not to a child still starting: it may not have its handlers yet, and USR1's default
+        // action would kill it (a boot failure, which would undo a reload).
+        let workers = self
+            .pool
+            .workers()
+            .filter(|(_, w)| !matches!(w.life, pool::Life::Starting { .. }))
+            .map(|(pid, _)| pid);
+        let singletons = self
+            .singletons
+            .entries()
+            .iter()
+            .filter(|e| !matches!(e.life, singletons::Life::Starting { .. }))
+            .filter_map(|e| e.pid());
         for pid in workers.chain(singletons).collect::<Vec<_>>() {
             let _ = kill(pid, Signal::SIGUSR1);
         }
