@@ -339,3 +339,28 @@ fn boot_ids_are_read_as_two_words() {
     assert_eq!(id, Some([0x0123456789abcdef, 0xfedcba9876543210]));
     assert_ne!(super::file::boot_id(), [0, 0]);
 }
+
+#[test]
+fn a_lock_holder_is_dead_once_gone_a_zombie_or_its_pid_reused() {
+    use super::{start_time, ThisProcess, PID_BITS};
+    let me = ThisProcess.me();
+    assert_eq!(me & ((1 << PID_BITS) - 1), u64::from(std::process::id()));
+    assert!(!ThisProcess.dead(me));
+    // The same pid with another start time: the pid was reused by another process.
+    assert!(ThisProcess.dead(me + (1 << PID_BITS)));
+    let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+    let pid = child.id();
+    let word = (start_time(pid).unwrap() << PID_BITS) | u64::from(pid);
+    assert!(!ThisProcess.dead(word));
+    child.kill().unwrap();
+    // Killed, not yet reaped: a zombie holds no lock.
+    let zombie = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") Z ");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !zombie() {
+        assert!(std::time::Instant::now() < end, "the child never became a zombie");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(ThisProcess.dead(word));
+    child.wait().unwrap();
+    assert!(ThisProcess.dead(word));
+}
