@@ -10,6 +10,7 @@ presup runs once, as the `on_starting` hook, before any worker starts; workers o
 
 import json
 import os
+import selectors
 import signal
 import sys
 import urllib.error
@@ -66,33 +67,48 @@ def register():
     print(f"register: {len(registered)} commands registered", flush=True)
 
 
-busy = False
 stopping = False
 
 
 def on_term(signum, frame):
-    """Graceful stop: exit now when idle, else once the request in hand is answered."""
+    # Only a flag: the loop below finishes the request in hand, then exits. Raising here
+    # could drop a connection accepted a moment before.
     global stopping
     stopping = True
-    if not busy:
-        sys.exit(0)
 
 
 def serve():
-    global busy
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("app.py: no listener passed (run it under presup, or `app.py register`)")
-    # One process, one request at a time: presup runs as many workers as wanted.
+    # werkzeug's server on the inherited fd 3 (host and port are then unused; the address
+    # family comes from the host: an IPv4 listener here). One process, one request at a time:
+    # presup runs as many workers as wanted.
     server = make_server("127.0.0.1", 0, app, fd=3)
+    listener = server.socket
+    listener.setblocking(False)  # several workers wait on it: the losers must not block
+    wake_r, wake_w = os.pipe()  # signals wake the select below through this pipe
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, on_term)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
     while not stopping:
-        # A blocking accept: of the idle workers, the kernel wakes exactly one.
-        conn, address = server.socket.accept()
-        busy = True
-        try:
-            server.process_request(conn, address)  # answers, then closes the connection
-        finally:
-            busy = False
+        for key, _ in sel.select():
+            if key.fileobj == wake_r:
+                os.read(wake_r, 512)
+                continue
+            try:
+                conn, address = listener.accept()
+            except BlockingIOError:
+                continue  # another worker took it
+            conn.setblocking(True)
+            try:
+                server.finish_request(conn, address)
+            except OSError:
+                pass  # the client went away
+            finally:
+                server.shutdown_request(conn)
 
 
 def record_pid():
