@@ -58,6 +58,10 @@ fn build(mb: usize) -> Vec<u64> {
 }
 
 fn main() -> ExitCode {
+    // The master runs this program itself as the HTTP server of a ticket with `http`.
+    if let Some(code) = presup::prefork::ticket_server_if_asked() {
+        return code;
+    }
     let cli = Cli::parse();
     let (mb, per_worker, leave_thread) = (cli.mb, cli.per_worker, cli.leave_thread);
     let log = cli.preload_log.clone();

@@ -34,3 +34,4 @@ pub mod prefork;
 pub mod signals;
 pub mod spawn;
 pub mod systemd;
+pub mod ticket;

@@ -148,12 +148,51 @@ impl Context<'_> {
     }
 }
 
+/// When the master runs this program as the HTTP server of a ticket (`PROGRAM ticket-server
+/// NAME --listen ADDR`, a singleton it adds for each `[tickets.NAME]` with `http`), serves it
+/// and returns its exit code. [`main`] calls it first; a program that parses its own command
+/// line must call it before parsing:
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     if let Some(code) = presup::prefork::ticket_server_if_asked() {
+///         return code;
+///     }
+///     // parse the program's own options (flattening presup::cli::Args), then prefork::run
+/// #   std::process::ExitCode::SUCCESS
+/// }
+/// ```
+pub fn ticket_server_if_asked() -> Option<ExitCode> {
+    #[derive(clap::Parser)]
+    struct Server {
+        #[command(flatten)]
+        args: cli::Args,
+        #[command(flatten)]
+        server: crate::ticket::cli::ServerArgs,
+    }
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).map_or(true, |a| a != "ticket-server") {
+        return None;
+    }
+    argv.remove(1);
+    Some(match <Server as clap::Parser>::try_parse_from(argv) {
+        Ok(s) => s.server.run(&s.args.log_level, s.args.log_format),
+        Err(e) => {
+            let _ = e.print();
+            ExitCode::from(2)
+        }
+    })
+}
+
 /// Runs the master with presup's own command line: `preload` once, then workers forked into
 /// `worker`. Returns the exit code of DESIGN.md §4.
 pub fn main<S: 'static>(
     preload: impl FnOnce() -> S + 'static,
     worker: impl Fn(&S, Context<'_>) -> i32 + 'static,
 ) -> ExitCode {
+    if let Some(code) = ticket_server_if_asked() {
+        return code;
+    }
     let command = <cli::Args as clap::Args>::augment_args(
         clap::Command::new("presup").about("A prefork program run by presup's master"),
     );

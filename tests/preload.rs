@@ -10,22 +10,19 @@ use std::path::PathBuf;
 use common::{wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
-/// The example program, beside the `presup` binary: `cargo test` builds the examples, a
-/// filtered run (`--test preload`) does not, so it is built here then (cargo's lock makes
-/// concurrent builds wait for each other).
+/// The example program, beside the `presup` binary, built (or found up to date) by cargo
+/// here: a filtered test run does not build the examples, and a stale one would test old code.
+/// Cargo's lock makes concurrent builds wait for each other.
 fn example() -> String {
     let bin = PathBuf::from(common::bin());
-    let path = bin.parent().unwrap().join("examples").join("preload");
-    if !path.exists() {
-        let mut cargo = std::process::Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet", "--example", "preload"]);
-        cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
-        if bin.parent().unwrap().ends_with("release") {
-            cargo.arg("--release");
-        }
-        assert!(cargo.status().unwrap().success(), "cargo build --example preload failed");
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "--example", "preload"]);
+    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
+    if bin.parent().unwrap().ends_with("release") {
+        cargo.arg("--release");
     }
-    path.display().to_string()
+    assert!(cargo.status().unwrap().success(), "cargo build --example preload failed");
+    bin.parent().unwrap().join("examples").join("preload").display().to_string()
 }
 
 fn config(count: usize, extra: &str) -> String {
@@ -181,5 +178,25 @@ fn term_hup_and_hooks_behave_as_in_exec_mode() {
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
     assert_eq!(dir.lines("hooks"), ["on_starting", "on_reload", "on_exit"]);
+    record_workers(&dir, &presup);
+}
+
+#[test]
+fn a_ticket_with_http_is_served_by_the_program_itself() {
+    let dir = Dir::new();
+    let ticket = "[tickets.identify]\ninterval = \"50ms\"\nhttp = \"127.0.0.1:0\"\n";
+    let mut presup = start(&dir, &config(1, ticket), &[]);
+    presup.log.wait_for("ready: all workers up");
+    // The master ran this program as `PROGRAM ticket-server identify --listen ...`.
+    let line = presup.log.wait_for("ticket server listening");
+    let address = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    let body = get(port, "/?shard=3");
+    assert!(body.contains("\"message\""), "{body}");
+    // The workers find the ticket too.
+    let http = presup.port("http");
+    assert!(get(http, "/env/PRESUP_TICKET_IDENTIFY").contains("ticket.identify"));
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
     record_workers(&dir, &presup);
 }

@@ -74,7 +74,7 @@ fn check_listeners(
             let message = format!("listener name {:?} is already used by {first}", listen.name);
             problems.push(Problem { key: format!("{at}.name"), message });
         }
-        if let Some(first) = seen_before(addresses, listen.address.clone(), at) {
+        if let Some(first) = seen_before_address(addresses, &listen.address, at) {
             let message = format!("address {} is already used by {first}", listen.address);
             problems.push(Problem { key: format!("{at}.address"), message });
         }
@@ -103,7 +103,7 @@ fn check_tickets(config: &Config, addresses: &mut Owners, problems: &mut Vec<Pro
             problems.push(Problem { key: at.clone(), message });
         }
         let Some(http) = ticket.http else { continue };
-        if let Some(first) = seen_before(addresses, Address::Tcp(http), &at) {
+        if let Some(first) = seen_before_address(addresses, &Address::Tcp(http), &at) {
             let message = format!("address {http} is already used by {first}");
             problems.push(Problem { key: format!("{at}.http"), message });
         }
@@ -128,6 +128,14 @@ fn account_problem(key: &str, name: &str, found: nix::Result<bool>, problems: &m
         Err(e) => format!("cannot look up {key} {name:?}: {e}"),
     };
     problems.push(Problem { key: key.to_owned(), message });
+}
+
+/// As [`seen_before`] for an address; port 0 (any free port) never collides.
+fn seen_before_address(seen: &mut Owners, address: &Address, at: &str) -> Option<String> {
+    match address {
+        Address::Tcp(a) if a.port() == 0 => None,
+        _ => seen_before(seen, address.clone(), at),
+    }
 }
 
 /// Records `value` as first seen at key path `at`, or returns where it was first seen.
