@@ -9,6 +9,8 @@
 - time from a worker's SIGKILL until its replacement has exec'd (median of 20)
 
 Standard library only. Everything runs on loopback in a temp dir and is stopped at the end.
+Its workers are `sleep`, so these are the master's own costs; bench/run measures the same
+figures with Python HTTP workers, side by side with gunicorn.
 """
 
 import os

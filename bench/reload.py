@@ -9,6 +9,7 @@ Needs wrk (Debian: apt-get install wrk) and gunicorn (pip install gunicorn); it 
 neither behind your back and says what is missing. Everything runs on 127.0.0.1 and stops by
 itself. presup runs examples/demo/app.py (standard library, one request at a time per worker,
 like a gunicorn sync worker); gunicorn runs bench/wsgi_app.py, the same response.
+bench/run includes this figure (and the same under worker SIGKILLs) with repeats.
 """
 
 import argparse
