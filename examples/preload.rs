@@ -8,7 +8,8 @@
 //! curl 127.0.0.1:8002/                 # slot, pid and generation of the worker that answered
 //! ```
 //!
-//! Routes: `/lookup/N`; `/env/NAME` (the worker's environment); `/marker` and `/poke` (which
+//! Routes: `/lookup/N`; `/env/NAME` (the worker's environment); `/exit` (the worker function
+//! returns); `/marker` and `/poke` (which
 //! writes the worker's pid into its own copy of the state: the other workers do not see it). `--per-worker` builds the table in
 //! each worker instead (what the benchmark compares with), `--preload-log FILE` appends a line
 //! each time `preload` runs, and `--leave-thread` leaves a thread running after `preload` (the
@@ -106,12 +107,21 @@ fn serve(state: &State, table: &[u64], ctx: &Context<'_>) -> i32 {
     let _ = ctx.ready();
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let _ = answer(state, table, ctx, conn);
+        // `/exit`: the worker function returns (presup's `_exit` ends the process).
+        if let Ok(true) = answer(state, table, ctx, conn) {
+            return 0;
+        }
     }
     0
 }
 
-fn answer(state: &State, table: &[u64], ctx: &Context<'_>, conn: TcpStream) -> std::io::Result<()> {
+/// Answers one request; true if it asked the worker to exit.
+fn answer(
+    state: &State,
+    table: &[u64],
+    ctx: &Context<'_>,
+    conn: TcpStream,
+) -> std::io::Result<bool> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request = String::new();
     reader.read_line(&mut request)?;
@@ -132,6 +142,8 @@ fn answer(state: &State, table: &[u64], ctx: &Context<'_>, conn: TcpStream) -> s
             Ok(v) => ("200 OK", format!("{v}\n")),
             Err(_) => ("404 Not Found", format!("{name} is not set\n")),
         }
+    } else if path == "/exit" {
+        ("200 OK", format!("pid {pid} exits\n"))
     } else if path == "/poke" {
         state.marker.store(pid.into(), Ordering::Relaxed);
         ("200 OK", format!("pid {pid} marker {pid}\n"))
@@ -149,5 +161,6 @@ fn answer(state: &State, table: &[u64], ctx: &Context<'_>, conn: TcpStream) -> s
         conn,
         "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
+    )?;
+    Ok(path == "/exit")
 }

@@ -200,3 +200,23 @@ fn a_ticket_with_http_is_served_by_the_program_itself() {
     assert_eq!(presup.wait_exit(), Some(0));
     record_workers(&dir, &presup);
 }
+
+#[test]
+fn a_worker_that_returns_runs_none_of_the_masters_destructors() {
+    let dir = Dir::new();
+    let toml = format!("pidfile = \"presup.pid\"\n{}", config(2, ""));
+    let presup = start(&dir, &toml, &[]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    let notify = PathBuf::from(get(port, "/env/NOTIFY_SOCKET"));
+    // The worker function returns: the process ends with `_exit`, so the master's Drop impls
+    // (which remove the runtime directory and the pidfile) never run in it.
+    let gone = pid_of(&get(port, "/exit"));
+    let line = presup.log.wait_for("worker exited with code 0");
+    assert!(line.contains(&format!("pid={gone} ")), "{line}");
+    presup.log.wait_for_nth("worker up (READY=1)", 3);
+    assert!(notify.exists(), "the master's notification socket was removed by a worker");
+    assert!(dir.join("presup.pid").exists(), "the pidfile was removed by a worker");
+    assert_eq!(dir.lines("preloads").len(), 1);
+    record_workers(&dir, &presup);
+}
