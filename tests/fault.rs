@@ -103,6 +103,11 @@ impl Child {
     fn var(&self, key: &str) -> Option<&str> {
         self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+
+    /// A worker, not a `worker_exit` hook (which gets `PRESUP_WORKER_ID` too).
+    fn is_worker(&self) -> bool {
+        self.var("PRESUP_WORKER_ID").is_some() && self.var("PRESUP_HOOK").is_none()
+    }
 }
 
 fn children(master: i32) -> Vec<Child> {
@@ -131,7 +136,7 @@ fn children(master: i32) -> Vec<Child> {
 }
 
 fn workers(master: i32) -> Vec<Child> {
-    children(master).into_iter().filter(|c| c.var("PRESUP_WORKER_ID").is_some()).collect()
+    children(master).into_iter().filter(Child::is_worker).collect()
 }
 
 fn open_fds(pid: i32) -> usize {
@@ -238,7 +243,7 @@ fn the_master_survives_half_a_minute_of_chaos_and_converges() {
         .unwrap();
     let settled = wait_until("the workers to converge", Duration::from_secs(60), || {
         let kids = children(master);
-        let w: Vec<&Child> = kids.iter().filter(|c| c.var("PRESUP_WORKER_ID").is_some()).collect();
+        let w: Vec<&Child> = kids.iter().filter(|c| c.is_worker()).collect();
         let gen = generation.to_string();
         let converged = w.len() == TARGET
             && w.iter().all(|c| c.var("PRESUP_GENERATION") == Some(gen.as_str()))
