@@ -18,15 +18,18 @@ use std::time::{Duration, Instant};
 use common::{alive, wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
-/// Copies `examples/<name>` (its files, not its `run/`) into the test's dir.
+/// Copies `examples/<name>` (its files, not its `run/`) into the test's dir, with the helper
+/// module the examples share (`examples/presup_child.py`) beside them, where Python finds it
+/// first.
 fn copy_example(dir: &Dir, name: &str) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
-    for entry in std::fs::read_dir(&src).unwrap() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for entry in std::fs::read_dir(examples.join(name)).unwrap() {
         let entry = entry.unwrap();
         if entry.file_type().unwrap().is_file() {
             std::fs::copy(entry.path(), dir.join(entry.file_name().to_str().unwrap())).unwrap();
         }
     }
+    std::fs::copy(examples.join("presup_child.py"), dir.join("presup_child.py")).unwrap();
 }
 
 /// Replaces `from` by `to` in the test's copy of the config; `from` must be there.

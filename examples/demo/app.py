@@ -8,14 +8,13 @@ served by the other workers, since the socket stays open in the master. SIGQUIT 
 
 import http.server
 import os
-import selectors
-import signal
-import socket
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
 
 SLOT = os.environ.get("PRESUP_WORKER_ID", "?")
 GENERATION = os.environ.get("PRESUP_GENERATION", "?")
-stopping = False
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -33,44 +32,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def on_term(signum, frame):
-    # Only a flag: the loop below finishes the request in hand, then exits. Raising here
-    # could drop a connection accepted a moment before.
-    global stopping
-    stopping = True
-
-
 def main():
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0")) < 1:
-        sys.exit("app.py: no listener passed (run it under presup)")
-    listener = socket.socket(fileno=3)
-    listener.setblocking(False)
+    listener = presup_child.inherited_listener()
+    # Handler is looked up here, at call time: bench/worker.py replaces it.
     server = http.server.HTTPServer(listener.getsockname(), Handler, bind_and_activate=False)
     server.socket = listener
-    # Signals wake the select below through this pipe.
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGTERM, on_term)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    while not stopping:
-        for key, _ in sel.select():
-            if key.fileobj == wake_r:
-                os.read(wake_r, 512)
-                continue
-            try:
-                conn, addr = listener.accept()
-            except BlockingIOError:
-                continue  # another worker took it
-            conn.setblocking(True)
-            try:
-                server.finish_request(conn, addr)
-            except OSError:
-                pass
-            finally:
-                server.shutdown_request(conn)
+    presup_child.serve(server)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ fd 3; with uvicorn the worker command would be `uvicorn main:app --fd 3`.
 import http.server
 import json
 import os
-import selectors
-import signal
 import socket
 import sys
-import time
 import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
 
 FLOW_SOCKET = os.environ.get("FLOW_SOCKET", "run/flow.sock")
 SLOT = os.environ.get("PRESUP_WORKER_ID", "?")
@@ -50,66 +50,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-stopping = False
-
-
-def on_term(signum, frame):
-    # Only a flag: the loop below finishes the request in hand, then exits. Raising here
-    # could drop a connection accepted a moment before.
-    global stopping
-    stopping = True
-
-
 def serve():
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        sys.exit("app.py: no listener passed (run it under presup)")
-    listener = socket.socket(fileno=3)
-    listener.setblocking(False)  # several workers wait on it: the losers must not block
+    listener = presup_child.inherited_listener()
     server = http.server.HTTPServer(listener.getsockname(), Handler, bind_and_activate=False)
     server.socket = listener
-    wake_r, wake_w = os.pipe()  # signals wake the select below through this pipe
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGTERM, on_term)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    while not stopping:
-        for key, _ in sel.select():
-            if key.fileobj == wake_r:
-                os.read(wake_r, 512)
-                continue
-            try:
-                conn, address = listener.accept()
-            except BlockingIOError:
-                continue  # another worker took it
-            conn.setblocking(True)
-            try:
-                server.finish_request(conn, address)
-            except OSError:
-                pass  # the client went away
-            finally:
-                server.shutdown_request(conn)
-
-
-def event(what):
-    # The integration tests read these lines to check the order of starts and stops.
-    if path := os.environ.get("EXAMPLE_EVENTS"):
-        with open(path, "a") as f:
-            f.write(f"{time.monotonic_ns()} worker {what} {os.getpid()}\n")
-
-
-def record_pid():
-    # The integration tests name a file here to check that no process outlives them.
-    if path := os.environ.get("EXAMPLE_PIDS"):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
+    presup_child.serve(server)
 
 
 if __name__ == "__main__":
-    record_pid()
-    event("start")
+    presup_child.record_pid()
+    presup_child.event("worker", "start")
     try:
         serve()
     finally:
-        event("stop")
+        presup_child.event("worker", "stop")

@@ -15,8 +15,12 @@ import json
 import os
 import signal
 import socketserver
+import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
 
 SOCKET = os.environ.get("FLOW_SOCKET", "run/flow.sock")  # relative to the working directory
 LOAD_SECONDS = 0.5  # "loading the model": the workers must not be started before it is done
@@ -39,10 +43,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def event(what):
-    # The integration tests read these lines to check the order of starts and stops.
-    if path := os.environ.get("EXAMPLE_EVENTS"):
-        with open(path, "a") as f:
-            f.write(f"{time.monotonic_ns()} flow {what} {os.getpid()}\n")
+    presup_child.event("flow", what)
 
 
 def main():
@@ -66,13 +67,6 @@ def main():
     event("stop")
 
 
-def record_pid():
-    # The integration tests name a file here to check that no process outlives them.
-    if path := os.environ.get("EXAMPLE_PIDS"):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
-
-
 if __name__ == "__main__":
-    record_pid()
+    presup_child.record_pid()
     main()

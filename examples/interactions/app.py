@@ -10,14 +10,15 @@ presup runs once, as the `on_starting` hook, before any worker starts; workers o
 
 import json
 import os
-import selectors
-import signal
 import sys
 import urllib.error
 import urllib.request
 
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
 
 COMMANDS = [
     {"name": "ping", "description": "Is the bot alive?", "type": 1},
@@ -67,59 +68,17 @@ def register():
     print(f"register: {len(registered)} commands registered", flush=True)
 
 
-stopping = False
-
-
-def on_term(signum, frame):
-    # Only a flag: the loop below finishes the request in hand, then exits. Raising here
-    # could drop a connection accepted a moment before.
-    global stopping
-    stopping = True
-
-
 def serve():
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        sys.exit("app.py: no listener passed (run it under presup, or `app.py register`)")
-    # werkzeug's server on the inherited fd 3 (host and port are then unused; the address
-    # family comes from the host: an IPv4 listener here). One process, one request at a time:
-    # presup runs as many workers as wanted.
-    server = make_server("127.0.0.1", 0, app, fd=3)
-    listener = server.socket
-    listener.setblocking(False)  # several workers wait on it: the losers must not block
-    wake_r, wake_w = os.pipe()  # signals wake the select below through this pipe
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGTERM, on_term)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    while not stopping:
-        for key, _ in sel.select():
-            if key.fileobj == wake_r:
-                os.read(wake_r, 512)
-                continue
-            try:
-                conn, address = listener.accept()
-            except BlockingIOError:
-                continue  # another worker took it
-            conn.setblocking(True)
-            try:
-                server.finish_request(conn, address)
-            except OSError:
-                pass  # the client went away
-            finally:
-                server.shutdown_request(conn)
-
-
-def record_pid():
-    # The integration tests name a file here to check that no process outlives them.
-    if path := os.environ.get("EXAMPLE_PIDS"):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
+    listener = presup_child.inherited_listener("run it under presup, or `app.py register`")
+    # werkzeug's server on the inherited fd 3 (it takes a duplicate; host and port are then
+    # unused, the address family comes from the host: an IPv4 listener here). One process, one
+    # request at a time: presup runs as many workers as wanted.
+    server = make_server("127.0.0.1", 0, app, fd=listener.detach())
+    presup_child.serve(server)
 
 
 if __name__ == "__main__":
-    record_pid()
+    presup_child.record_pid()
     if sys.argv[1:] == ["register"]:
         register()
     else:

@@ -10,14 +10,17 @@ once per worker is caught in the act. `GET /count` tells what it saw.
 The chosen port is printed as the first line of stdout, and written to --port-file if given.
 """
 
-import argparse
 import json
 import math
 import os
 import re
+import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
 
 WINDOW = 60.0  # seconds after a registration during which another one gets 429
 COMMANDS_PATH = re.compile(r"/api/v\d+/applications/(\d+)/commands")
@@ -72,21 +75,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8081)
-    parser.add_argument("--port-file", help="also write the chosen port here (atomically)")
-    args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    port = server.server_address[1]
-    print(port, flush=True)
-    if args.port_file:
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(f"{port}\n")
-        os.rename(args.port_file + ".tmp", args.port_file)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    presup_child.serve_standin(Handler, 8081, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ import sys
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
+
 TICK = float(os.environ.get("TICK", "1.0"))  # seconds
 CATCH_UP = float(os.environ.get("CATCH_UP", "60"))  # seconds
 STATE = os.environ.get("SCHEDULER_STATE", "run/scheduler.json")
@@ -104,13 +107,6 @@ def main():
         time.sleep(max(0.0, (now + 1) * TICK - time.time()))  # until the next tick begins
 
 
-def record_pid():
-    # The integration tests name a file here to check that no process outlives them.
-    if path := os.environ.get("EXAMPLE_PIDS"):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
-
-
 if __name__ == "__main__":
-    record_pid()
+    presup_child.record_pid()
     main()

@@ -11,12 +11,15 @@ key sends nothing and gets the first answer; the first email's `repeats` counts 
 The chosen port is printed as the first line of stdout, and written to --port-file if given.
 """
 
-import argparse
 import json
 import os
+import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import presup_child  # noqa: E402  (examples/presup_child.py)
 
 lock = threading.Lock()
 emails = []
@@ -60,21 +63,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8025)
-    parser.add_argument("--port-file", help="also write the chosen port here (atomically)")
-    args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    port = server.server_address[1]
-    print(port, flush=True)
-    if args.port_file:
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(f"{port}\n")
-        os.rename(args.port_file + ".tmp", args.port_file)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    presup_child.serve_standin(Handler, 8025, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
