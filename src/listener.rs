@@ -7,11 +7,11 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::sys::socket::{
-    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    bind, connect, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
     SockaddrIn, SockaddrIn6, UnixAddr,
 };
 
@@ -183,11 +183,25 @@ fn clear_stale_socket(path: &Path, address: &Address) -> Result<(), BindError> {
     if !meta.file_type().is_socket() {
         return Err(BindError::NotASocket { address: address.clone(), path: path.to_path_buf() });
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(BindError::InUse { address: address.clone() }),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+    match unix_accepts(path) {
+        Ok(true) => Err(BindError::InUse { address: address.clone() }),
+        Ok(false) => std::fs::remove_file(path)
             .map_err(|source| BindError::Os { address: address.clone(), source }),
         Err(source) => Err(BindError::Os { address: address.clone(), source }),
+    }
+}
+
+/// Whether a process listens on the Unix stream socket at `path`: `Ok(false)` when the
+/// connection is refused (a socket file left behind). Never waits: the connect is non-blocking,
+/// and a listener whose backlog is full (`EAGAIN`) counts as listening, where a blocking
+/// connect would hang the master's loop until it accepts.
+pub fn unix_accepts(path: &Path) -> io::Result<bool> {
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+    match connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) | Err(Errno::EAGAIN) => Ok(true),
+        Err(Errno::ECONNREFUSED) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -221,5 +235,36 @@ mod tests {
         std::fs::write(&path, b"not a socket").unwrap();
         let err = Listener::bind(&spec(Address::Unix(path.clone()))).unwrap_err();
         assert!(matches!(err, BindError::NotASocket { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_unix_listener_with_a_full_backlog_counts_as_listening_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.sock");
+        let _busy = Listener::bind(&spec(Address::Unix(path.clone()))).unwrap();
+        // Nobody accepts: fill the backlog until a non-blocking connect says EAGAIN.
+        let mut queued = Vec::new();
+        loop {
+            let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+            let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None).unwrap();
+            match connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()) {
+                Ok(()) => queued.push(fd),
+                Err(Errno::EAGAIN) => break,
+                Err(e) => panic!("connect: {e}"),
+            }
+            assert!(queued.len() < 100_000, "the backlog never filled");
+        }
+        // A blocking connect would wait here until someone accepts: never, in this test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probe = path.clone();
+        std::thread::spawn(move || tx.send(unix_accepts(&probe).unwrap()).unwrap());
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(answer, Ok(true), "unix_accepts waited on a full backlog");
+        let err = Listener::bind(&spec(Address::Unix(path.clone()))).unwrap_err();
+        assert!(matches!(err, BindError::InUse { .. }), "{err}");
+
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join("stale.sock")).unwrap());
+        assert!(!unix_accepts(&dir.path().join("stale.sock")).unwrap());
+        assert!(unix_accepts(&dir.path().join("missing.sock")).is_err());
     }
 }

@@ -135,7 +135,7 @@ impl Children {
 /// Whether a starting singleton's ready socket accepts a connection.
 pub fn probe(ready: &Ready) -> bool {
     match ready {
-        Ready::UnixSocket(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+        Ready::UnixSocket(path) => crate::listener::unix_accepts(path).unwrap_or(false),
         // On the loopback a connect succeeds or is refused at once; the timeout only bounds
         // the odd case of a remote address.
         Ready::Tcp(addr) => {
