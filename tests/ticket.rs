@@ -382,9 +382,13 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     for _ in 0..5 {
         ticket.reserve(0, None).unwrap();
     }
+    let after_mine = ticket.status().buckets[0];
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /?shard=0 HTTP/1.1\r\n\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // Hang up once the server has reserved its turn (bucket 0's next free instant moves on).
+    wait_until("the server's reservation", DEADLINE, || {
+        (ticket.status().buckets[0] > after_mine).then_some(())
+    });
     drop(s);
     let line = presup.log.wait_for("client hung up while waiting");
     assert!(line.contains("its turn given back"), "{line}");
