@@ -32,8 +32,7 @@ pub struct Args {
 /// Loads the config named by `args`: every error printed, `Err` holding exit code 2.
 /// `in_process` says whether workers are forked from this program (no `[workers] command`).
 pub fn load(args: &Args, in_process: bool) -> Result<config::Config, ExitCode> {
-    let wc = std::env::var("WEB_CONCURRENCY").ok();
-    let config = match config::load(&args.config, wc.as_deref(), config::cpu_count()) {
+    let config = match config::load_for_this_process(&args.config) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("presup: {errors}");

@@ -253,6 +253,13 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// [`load`] as the master does, at start and on HUP: with this process's `WEB_CONCURRENCY` and
+/// CPU count.
+pub fn load_for_this_process(path: &Path) -> Result<Config, ConfigErrors> {
+    let web_concurrency = std::env::var("WEB_CONCURRENCY").ok();
+    load(path, web_concurrency.as_deref(), cpu_count())
+}
+
 /// Reads, parses, validates and resolves the config file at `path`.
 ///
 /// `web_concurrency` is the value of `WEB_CONCURRENCY` (passed in so that tests and reloads

@@ -753,9 +753,7 @@ impl Master {
             self.reload_notified = true;
             self.systemd.reloading();
         }
-        let wc = std::env::var("WEB_CONCURRENCY").ok();
-        let new = match config::load(&self.options.config_path, wc.as_deref(), config::cpu_count())
-        {
+        let mut new = match config::load_for_this_process(&self.options.config_path) {
             Ok(c) => c,
             Err(errors) => {
                 for e in &errors.errors {
@@ -769,7 +767,6 @@ impl Master {
                 return;
             }
         };
-        let mut new = new;
         self.tickets.check_reload(&new.tickets);
         self.tickets.add_servers(&mut new);
         if let Err(e) = check_command(&new, self.options.in_process.is_some()) {
