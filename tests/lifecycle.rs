@@ -126,6 +126,46 @@ fn hooks_run_at_their_points_in_order_and_on_starting_only_once() {
     );
 }
 
+/// `on_exit` waits for the hooks still running when the last child is gone: a slow
+/// `worker_exit` of the stop ends before `on_exit` starts.
+#[test]
+fn on_exit_waits_for_a_slow_worker_exit_hook() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    dir.script("slow.sh", &format!("sleep 0.5\n{HOOK}"));
+    let toml = config(1, &["on_starting", "on_exit"], &[]).replace(
+        "[hooks]",
+        "[hooks]\nworker_exit = [{ command = [\"./slow.sh\"], timeout = \"10s\" }]",
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    wait_events(&dir, "the worker", |e| count(e, "up ") == 1);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    let e = events(&dir);
+    assert!(position(&e, "hook worker_exit") < position(&e, "hook on_exit"), "{e:#?}");
+}
+
+/// A TERM while `on_reload` runs drops the reload: no worker of the new generation starts.
+#[test]
+fn a_stop_during_on_reload_starts_nothing_new() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    dir.script("reload.sh", &format!("{HOOK}\nsleep 1"));
+    let toml = config(2, &[], &[]).replace(
+        "[hooks]",
+        "[hooks]\non_reload = [{ command = [\"./reload.sh\"], timeout = \"10s\" }]",
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    wait_events(&dir, "the workers", |e| count(e, "up ") == 2);
+    presup.signal(Signal::SIGHUP);
+    wait_events(&dir, "on_reload", |e| count(e, "hook on_reload") == 1);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    let e = events(&dir);
+    assert_eq!(count(&e, "up "), 2, "a worker started after the TERM: {e:#?}");
+    assert_eq!(count(&e, "stop worker"), 2, "{e:#?}");
+}
+
 #[test]
 fn on_starting_retries_then_succeeds() {
     let dir = Dir::new();

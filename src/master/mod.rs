@@ -298,7 +298,9 @@ impl Master {
                 self.singletons.stop(false, now);
                 Stage::StoppingSingletons
             }
-            Stage::StoppingSingletons if self.singletons.is_done() => {
+            // on_exit is the last word: it waits for the hooks still running (the worker_exit
+            // of the last workers, say), each bounded by its timeout.
+            Stage::StoppingSingletons if self.singletons.is_done() && self.runs.is_empty() => {
                 if self.on_starting_ran {
                     self.start_hooks(Point::OnExit, vec![], now);
                 }
@@ -478,7 +480,8 @@ impl Master {
             }
         }
         if point == Point::OnReload {
-            if let Some(new) = self.pending_reload.take() {
+            // A stop that came while on_reload ran drops the reload: nothing new starts.
+            if let Some(new) = self.pending_reload.take().filter(|_| !self.stage.stopping()) {
                 self.apply_reload(new);
             }
         }
