@@ -84,6 +84,9 @@ fn a_missing_config_file_is_a_usage_error() {
     let (code, _, err) = run(&["-c", "nope.toml"], dir.path());
     assert_eq!(code, 2);
     assert!(err.contains("nope.toml") && err.contains("cannot read"), "{err}");
-    let (code, _, err) = run(&["--log-format", "xml"], dir.path());
+    // A bad option is a usage error too, even with a valid config beside it.
+    dir.write("supervisor.toml", "[workers]\ncommand = [\"true\"]\n");
+    let (code, _, err) = run(&["check", "--log-format", "xml"], dir.path());
     assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--log-format") && err.contains("xml"), "{err}");
 }

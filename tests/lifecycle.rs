@@ -150,7 +150,8 @@ fn on_exit_waits_for_a_slow_worker_exit_hook() {
 fn a_stop_during_on_reload_starts_nothing_new() {
     let dir = Dir::new();
     fixtures(&dir);
-    dir.script("reload.sh", &format!("{HOOK}\nsleep 1"));
+    // The hook holds the reload until the test has seen the TERM logged.
+    dir.script("reload.sh", &format!("{HOOK}\nwhile [ ! -e go ]; do sleep 0.01; done"));
     let toml = config(2, &[], &[]).replace(
         "[hooks]",
         "[hooks]\non_reload = [{ command = [\"./reload.sh\"], timeout = \"10s\" }]",
@@ -160,6 +161,8 @@ fn a_stop_during_on_reload_starts_nothing_new() {
     presup.signal(Signal::SIGHUP);
     wait_events(&dir, "on_reload", |e| count(e, "hook on_reload") == 1);
     presup.signal(Signal::SIGTERM);
+    presup.log.wait_for("TERM: graceful stop");
+    std::fs::write(dir.join("go"), "").unwrap();
     assert_eq!(presup.wait_exit(), Some(0));
     let e = events(&dir);
     assert_eq!(count(&e, "up "), 2, "a worker started after the TERM: {e:#?}");

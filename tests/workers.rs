@@ -325,7 +325,8 @@ fn ttin_adds_a_worker_ttou_removes_the_highest_never_below_one() {
     let slot1 = first.iter().find(|u| u.slot == 1).unwrap().pid;
     wait_dead(slot1);
     presup.signal(Signal::SIGTTOU);
-    presup.log.wait_for_nth("TTOU: one worker fewer", 3);
+    let line = presup.log.wait_for_nth("TTOU: one worker fewer", 3);
+    assert!(line.contains("workers=1"), "never below one: {line}");
     let slot0 = first.iter().find(|u| u.slot == 0).unwrap().pid;
     // The last TTOU was ignored: stop the master and check slot 0 lived until then.
     assert!(alive(slot0));

@@ -252,8 +252,12 @@ fn reload_replaces_one_slot_at_a_time_new_up_before_old_stopped_primary_last() {
     sim.pool.exited(old[0], ExitStatus::Code(0), sim.at(4600));
     let (_, spawned) = sim.step(4600);
     assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
-    sim.step(5600);
-    assert!((0..3).all(|s| sim.pid_in(s, 2).as_raw() > 0));
+    // Slot 0's new worker up: the reload is done, a live worker of generation 2 in each slot.
+    let (actions, _) = sim.step(5600);
+    assert!(actions.iter().any(|a| matches!(a, Action::ReloadDone { generation: 2 })));
+    for slot in 0..3 {
+        sim.pid_in(slot, 2); // panics when the slot has none
+    }
 }
 
 #[test]
