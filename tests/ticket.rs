@@ -472,7 +472,12 @@ fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kill
         .replace("127.0.0.1:8091", &format!("127.0.0.1:{http}"));
     dir.write("supervisor.toml", &toml);
     let pids = dir.join("pids").display().to_string();
-    let env = [("PRESUP", common::bin()), ("EXAMPLE_PIDS", pids.as_str())];
+    let events = dir.join("events").display().to_string();
+    let env = [
+        ("PRESUP", common::bin()),
+        ("EXAMPLE_PIDS", pids.as_str()),
+        ("EXAMPLE_EVENTS", events.as_str()),
+    ];
     let presup = Presup::start_with(&dir, &[], &env);
     let all_live = |identifies: u64| {
         wait_until("32 live shards", Duration::from_secs(30), || {
@@ -489,25 +494,39 @@ fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kill
             .unwrap();
     }
     let again = worker_pid(&presup, 1, 2);
-    presup.log.wait_for("ticket:identify");
-    std::thread::sleep(Duration::from_millis(300));
+    // Its 8 shards queue behind the 8 of worker 2 (2 buckets, 250 ms turns): once all 8 ask
+    // the ticket server, they wait for about a second.
+    let mine = format!(" {again}");
+    wait_until("worker 1's shards waiting", DEADLINE, || {
+        (dir.lines("events").iter().filter(|l| l.ends_with(&mine)).count() == 8).then_some(())
+    });
+    let hung_up_before = presup.log.count("client hung up while waiting");
     nix::sys::signal::killpg(Pid::from_raw(again), Signal::SIGKILL).unwrap();
+    presup.log.wait_for_nth("client hung up while waiting", hung_up_before + 1);
     worker_pid(&presup, 1, 3);
     let second = all_live(first + 16);
     let (_, violations, _) = gateway.stats();
     assert_eq!(violations, 0);
     // The same bot without the ticket: the gateway refuses its IDENTIFYs.
-    let mut rogue = Command::new("python3")
-        .arg("bot.py")
-        .current_dir(dir.path())
-        .env("BOT_NO_TICKET", "1")
-        .env("GATEWAY", format!("127.0.0.1:{}", gateway.port))
-        .env("SHARD_COUNT", "8")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Killed and reaped however the test ends.
+    struct Rogue(std::process::Child);
+    impl Drop for Rogue {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _rogue = Rogue(
+        Command::new("python3")
+            .arg("bot.py")
+            .current_dir(dir.path())
+            .env("BOT_NO_TICKET", "1")
+            .env("GATEWAY", format!("127.0.0.1:{}", gateway.port))
+            .env("SHARD_COUNT", "8")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("refused IDENTIFYs", DEADLINE, || (gateway.stats().1 > 0).then_some(()));
-    let _ = rogue.kill();
-    let _ = rogue.wait();
     eprintln!("identifies: {first} at start, {second} after the kills");
 }
