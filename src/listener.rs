@@ -105,12 +105,6 @@ impl Drop for Listener {
     }
 }
 
-/// Binds every listener of the config, in order; the first failure wins (and closes the
-/// ones bound before it).
-pub fn bind_all(specs: &[Listen]) -> Result<Vec<Listener>, BindError> {
-    specs.iter().map(Listener::bind).collect()
-}
-
 /// The listeners of the config, taking the sockets systemd passed where they match: by
 /// `LISTEN_FDNAMES` name first, else by address (an unspecified address such as `0.0.0.0:80`
 /// matches `[::]:80`). The others are bound as usual; a passed socket that matches nothing is

@@ -66,10 +66,6 @@ impl Pidfile {
         use std::os::fd::AsRawFd;
         self.lock.as_ref().map(|l| l.as_raw_fd())
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for Pidfile {

@@ -168,11 +168,6 @@ impl Command {
         })
     }
 
-    /// The resolved program.
-    pub fn program(&self) -> &Path {
-        &self.program_path
-    }
-
     /// Forks and execs, placing `fds` at 3, 4, ... in the child. Returns once the child has
     /// exec'd (or failed to).
     pub fn spawn(&self, fds: &[RawFd]) -> Result<Pid, SpawnError> {

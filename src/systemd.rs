@@ -138,8 +138,12 @@ fn connect(path: &str) -> io::Result<(UnixDatagram, SocketAddr)> {
         None if path.starts_with('/') => SocketAddr::from_pathname(path)?,
         None => return Err(io::Error::other("not an absolute path or an abstract name")),
     };
-    // std's sockets are close-on-exec: no child inherits the way to systemd.
-    Ok((UnixDatagram::unbound()?, addr))
+    // std's sockets are close-on-exec: no child inherits the way to systemd. Non-blocking: a
+    // full receive queue on systemd's side drops a message (logged) instead of stalling the
+    // master's loop.
+    let socket = UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
+    Ok((socket, addr))
 }
 
 /// One socket received from systemd.
