@@ -41,6 +41,11 @@ impl Environment {
         self
     }
 
+    /// Lays `other` over this environment: its variables win.
+    pub fn overlay(&mut self, other: &Environment) -> &mut Self {
+        self.extend(&other.vars)
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.vars.get(key).map(String::as_str)
     }
@@ -55,7 +60,6 @@ pub struct WorkerVars<'a> {
     pub slot: usize,
     pub count: usize,
     pub generation: u64,
-    pub master_pid: u32,
     /// Listener names, in fd order.
     pub listener_names: &'a [String],
 }
@@ -67,8 +71,7 @@ impl Environment {
         self.set("PRESUP_WORKER_ID", w.slot)
             .set("PRESUP_WORKER_COUNT", w.count)
             .set("PRESUP_GENERATION", w.generation)
-            .set("PRESUP_PRIMARY", if w.slot == 0 { "1" } else { "0" })
-            .set("PRESUP_MASTER_PID", w.master_pid);
+            .set("PRESUP_PRIMARY", if w.slot == 0 { "1" } else { "0" });
         if !w.listener_names.is_empty() {
             self.set("LISTEN_FDS", w.listener_names.len())
                 .set("LISTEN_FDNAMES", w.listener_names.join(":"));
@@ -95,15 +98,14 @@ mod tests {
         let mut cfg = BTreeMap::new();
         cfg.insert("APP_ENV".to_owned(), "production".to_owned());
         cfg.insert("PRESUP_PRIMARY".to_owned(), "1".to_owned());
+        cfg.insert("PRESUP_MASTER_PID".to_owned(), "1".to_owned());
         env.extend(&cfg);
+        // The master's own variables (as Children lays them), over the config's env.
+        let mut own = Environment::default();
+        own.set("PRESUP_MASTER_PID", 77);
+        env.overlay(&own);
         let names = ["http".to_owned(), "admin".to_owned()];
-        env.worker(&WorkerVars {
-            slot: 2,
-            count: 4,
-            generation: 3,
-            master_pid: 77,
-            listener_names: &names,
-        });
+        env.worker(&WorkerVars { slot: 2, count: 4, generation: 3, listener_names: &names });
         assert_eq!(env.get("NOTIFY_SOCKET"), None);
         assert_eq!(env.get("WATCHDOG_USEC"), None);
         assert_eq!(env.get("PATH"), Some("/bin"));

@@ -100,7 +100,8 @@ fn workers_get_their_environment_and_only_the_listeners() {
     let dir = Dir::new();
     dir.script("worker.sh", WORKER);
     let toml = config(
-        "count = 3\nenv = { APP_ENV = \"test\" }",
+        // The config's env cannot override presup's own variables (checked below).
+        "count = 3\nenv = { APP_ENV = \"test\", PRESUP_MASTER_PID = \"1\", PRESUP_WORKER_ID = \"9\", NOTIFY_SOCKET = \"/elsewhere/notify\" }",
         "[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n[[listen]]\nname = \"admin\"\naddress = \"unix:admin.sock\"\nbacklog = 8\n",
     );
     dir.write("supervisor.toml", &toml);

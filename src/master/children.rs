@@ -22,15 +22,24 @@ pub struct At {
     pub generation: u64,
 }
 
-/// What every child shares: the base environment (the master's, less systemd's variables,
-/// plus `NOTIFY_SOCKET` and `PRESUP_MASTER_PID`) and the privileges to drop to.
+/// What every child shares: the master's environment less systemd's variables, presup's own
+/// variables (`NOTIFY_SOCKET`, `PRESUP_MASTER_PID`, `PRESUP_TICKET_*`), and the privileges to
+/// drop to.
 pub struct Children {
-    pub base_env: Environment,
+    pub inherited: Environment,
+    pub own: Environment,
     pub credentials: Option<Credentials>,
-    pub master_pid: u32,
 }
 
 impl Children {
+    /// A child's environment: the inherited one, then the config's `env`, then presup's own
+    /// variables, which the config cannot override.
+    fn env(&self, config_env: &std::collections::BTreeMap<String, String>) -> Environment {
+        let mut env = self.inherited.clone();
+        env.extend(config_env).overlay(&self.own);
+        env
+    }
+
     fn setup(&self, config: &Config, pid_vars: Vec<&'static str>) -> Setup {
         Setup { pid_vars, umask: config.umask, credentials: self.credentials.clone() }
     }
@@ -44,14 +53,8 @@ impl Children {
         listeners: &[Listener],
     ) -> Result<Pid, SpawnError> {
         let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
-        let mut env = self.base_env.clone();
-        env.extend(&config.workers.env).worker(&WorkerVars {
-            slot,
-            count,
-            generation,
-            master_pid: self.master_pid,
-            listener_names: &names,
-        });
+        let mut env = self.env(&config.workers.env);
+        env.worker(&WorkerVars { slot, count, generation, listener_names: &names });
         let mut pid_vars = Vec::new();
         if !names.is_empty() {
             pid_vars.push("LISTEN_PID");
@@ -76,12 +79,11 @@ impl Children {
         worker: &WorkerFn,
         close: &[RawFd],
     ) -> Result<Pid, SpawnError> {
-        let mut env = self.base_env.clone();
-        env.extend(&config.workers.env).worker(&WorkerVars {
+        let mut env = self.env(&config.workers.env);
+        env.worker(&WorkerVars {
             slot: at.slot,
             count: at.count,
             generation: at.generation,
-            master_pid: self.master_pid,
             listener_names: &[],
         });
         let watchdog = config.workers.watchdog;
@@ -109,8 +111,8 @@ impl Children {
     }
 
     pub fn singleton(&self, spec: &config::Singleton, config: &Config) -> Result<Pid, SpawnError> {
-        let mut env = self.base_env.clone();
-        env.extend(&spec.env).set("PRESUP_SINGLETON", &spec.name);
+        let mut env = self.env(&spec.env);
+        env.set("PRESUP_SINGLETON", &spec.name);
         let setup = self.setup(config, vec![]);
         Command::prepare(&spec.command, &env.to_vec(), &config.directory, &setup)?.spawn(&[])
     }
@@ -122,8 +124,8 @@ impl Children {
         extra: &[(String, String)],
         config: &Config,
     ) -> Result<Pid, SpawnError> {
-        let mut env = self.base_env.clone();
-        env.extend(&hook.env).set("PRESUP_HOOK", point.name());
+        let mut env = self.env(&hook.env);
+        env.set("PRESUP_HOOK", point.name());
         for (k, v) in extra {
             env.set(k.clone(), v);
         }

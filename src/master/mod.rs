@@ -174,11 +174,11 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         .map_err(|e| setup("tickets", e.to_string()))?;
     let mut config = config;
     tickets.add_servers(&mut config);
-    let mut base_env = Environment::inherited(std::env::vars());
-    base_env.set("NOTIFY_SOCKET", notify.path().display());
-    base_env.set("PRESUP_MASTER_PID", std::process::id());
+    let mut own = Environment::default();
+    own.set("NOTIFY_SOCKET", notify.path().display());
+    own.set("PRESUP_MASTER_PID", std::process::id());
     for (var, path) in tickets.env() {
-        base_env.set(var, path.display());
+        own.set(var, path.display());
     }
     let now = Instant::now();
     let on_starting =
@@ -194,7 +194,11 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         reload_notified: false,
         reload_failure: None,
         systemd,
-        children: children::Children { base_env, credentials, master_pid: std::process::id() },
+        children: children::Children {
+            inherited: Environment::inherited(std::env::vars()),
+            own,
+            credentials,
+        },
         statuses: BTreeMap::new(),
         config,
         options,
