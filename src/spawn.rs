@@ -199,18 +199,11 @@ impl Command {
         drop(err_write);
         match read_report(err_read) {
             None => Ok(pid),
-            Some((step, errno)) => Err(self.error_for(step, io::Error::from_raw_os_error(errno))),
-        }
-    }
-
-    fn error_for(&self, step: Step, source: io::Error) -> SpawnError {
-        match step {
-            Step::Exec => SpawnError::Exec { program: self.program_path.clone(), source },
-            Step::Chdir => SpawnError::Chdir { dir: self.dir_path.clone(), source },
-            Step::Fds => SpawnError::Setup { step: "placing the listeners", source },
-            Step::Group => SpawnError::Setup { step: "setpgid", source },
-            Step::Credentials => SpawnError::Setup { step: "dropping privileges", source },
-            Step::Orphan => SpawnError::Setup { step: "the master died during the spawn", source },
+            Some((step, errno)) => Err(step.error(
+                Some(&self.program_path),
+                &self.dir_path,
+                io::Error::from_raw_os_error(errno),
+            )),
         }
     }
 }
@@ -225,6 +218,33 @@ enum Step {
     Fds = 4,
     Exec = 5,
     Credentials = 6,
+}
+
+impl Step {
+    const ALL: [Step; 6] =
+        [Step::Group, Step::Orphan, Step::Chdir, Step::Fds, Step::Exec, Step::Credentials];
+
+    fn from_u8(byte: u8) -> Option<Step> {
+        Step::ALL.into_iter().find(|&s| s as u8 == byte)
+    }
+
+    /// What the master reports when the child failed at this step (`program` is `None` for a
+    /// child forked without exec).
+    fn error(self, program: Option<&Path>, dir: &Path, source: io::Error) -> SpawnError {
+        match (self, program) {
+            (Step::Exec, Some(program)) => {
+                SpawnError::Exec { program: program.to_path_buf(), source }
+            }
+            (Step::Exec, None) => SpawnError::Setup { step: "exec", source },
+            (Step::Chdir, _) => SpawnError::Chdir { dir: dir.to_path_buf(), source },
+            (Step::Fds, _) => SpawnError::Setup { step: "placing the listeners", source },
+            (Step::Group, _) => SpawnError::Setup { step: "setpgid", source },
+            (Step::Credentials, _) => SpawnError::Setup { step: "dropping privileges", source },
+            (Step::Orphan, _) => {
+                SpawnError::Setup { step: "the master died during the spawn", source }
+            }
+        }
+    }
 }
 
 /// Everything the child touches, as raw pointers into memory prepared before the fork.
@@ -402,15 +422,7 @@ pub fn fork_call(
     drop(err_write);
     match read_report(err_read) {
         None => Ok(pid),
-        Some((step, errno)) => {
-            let source = io::Error::from_raw_os_error(errno);
-            Err(match step {
-                Step::Chdir => SpawnError::Chdir { dir: dir.to_path_buf(), source },
-                Step::Group => SpawnError::Setup { step: "setpgid", source },
-                Step::Credentials => SpawnError::Setup { step: "dropping privileges", source },
-                _ => SpawnError::Setup { step: "the master died during the spawn", source },
-            })
-        }
+        Some((step, errno)) => Err(step.error(None, dir, io::Error::from_raw_os_error(errno))),
     }
 }
 
@@ -498,14 +510,7 @@ fn read_report(read: OwnedFd) -> Option<(Step, i32)> {
     if got < msg.len() {
         return None;
     }
-    let step = match msg[0] {
-        1 => Step::Group,
-        2 => Step::Orphan,
-        3 => Step::Chdir,
-        4 => Step::Fds,
-        6 => Step::Credentials,
-        _ => Step::Exec,
-    };
+    let step = Step::from_u8(msg[0]).unwrap_or(Step::Exec);
     Some((step, i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])))
 }
 
@@ -532,6 +537,21 @@ fn resolve(program: &str, dir: &Path, path_var: Option<&str>) -> Result<PathBuf,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_step_survives_the_report_pipe_and_is_named() {
+        for step in Step::ALL {
+            assert_eq!(Step::from_u8(step as u8).map(|s| s as u8), Some(step as u8));
+            let source = || io::Error::from_raw_os_error(libc::EPERM);
+            let forked = step.error(None, Path::new("/d"), source()).to_string();
+            let execd = step.error(Some(Path::new("/bin/x")), Path::new("/d"), source());
+            assert!(!forked.contains("master died") || matches!(step, Step::Orphan), "{forked}");
+            if let Step::Exec = step {
+                assert!(execd.to_string().contains("/bin/x"), "{execd}");
+            }
+        }
+        assert!(Step::from_u8(0).is_none());
+    }
 
     #[test]
     fn resolves_through_path_and_relative_to_dir() {
