@@ -169,6 +169,68 @@ fn a_stop_during_on_reload_starts_nothing_new() {
     assert_eq!(count(&e, "stop worker"), 2, "{e:#?}");
 }
 
+/// `on_exit` runs on the way out even when no `on_starting` hook is configured.
+#[test]
+fn on_exit_runs_without_on_starting_hooks() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    let mut presup = Presup::start(&dir, &config(1, &["on_exit"], &[]));
+    wait_events(&dir, "the worker", |e| count(e, "up ") == 1);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert_eq!(count(&events(&dir), "hook on_exit"), 1, "{:#?}", events(&dir));
+}
+
+/// A fast stop (INT) is fast for the singletons too: SIGQUIT, not their stop signal.
+#[test]
+fn int_stops_the_singletons_with_sigquit() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    dir.script(
+        "quitter.sh",
+        r#"echo "start $PRESUP_SINGLETON $$" >> events
+trap 'echo "quit $$" >> events; exit 0' QUIT
+trap 'echo "term $$" >> events; exit 0' TERM
+while :; do sleep 1 & wait $!; done"#,
+    );
+    let toml = config(1, &[], &["s"]).replace("./singleton.sh", "./quitter.sh");
+    let mut presup = Presup::start(&dir, &toml);
+    wait_events(&dir, "the worker", |e| count(e, "up ") == 1);
+    presup.signal(Signal::SIGINT);
+    assert_eq!(presup.wait_exit(), Some(0));
+    let e = events(&dir);
+    assert_eq!((count(&e, "quit "), count(&e, "term ")), (1, 0), "{e:#?}");
+}
+
+/// Two HUPs while `on_reload` runs: the new workers wait for the second run to end too.
+#[test]
+fn a_second_hup_during_on_reload_waits_for_its_own_hook() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    // Each run records itself, then waits for its own go file (go.1, go.2).
+    dir.script(
+        "reload.sh",
+        &format!("{HOOK}\nn=$(grep -c 'hook on_reload' events)\nwhile [ ! -e go.$n ]; do sleep 0.01; done\necho \"reload done $n\" >> events"),
+    );
+    let toml = config(1, &[], &[]).replace(
+        "[hooks]",
+        "[hooks]\non_reload = [{ command = [\"./reload.sh\"], timeout = \"10s\" }]",
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    wait_events(&dir, "the worker", |e| count(e, "up ") == 1);
+    presup.signal(Signal::SIGHUP);
+    wait_events(&dir, "on_reload 1", |e| count(e, "hook on_reload") == 1);
+    presup.signal(Signal::SIGHUP);
+    wait_events(&dir, "on_reload 2", |e| count(e, "hook on_reload") == 2);
+    std::fs::write(dir.join("go.1"), "").unwrap();
+    wait_events(&dir, "run 1 over", |e| count(e, "reload done 1") == 1);
+    std::fs::write(dir.join("go.2"), "").unwrap();
+    let e = wait_events(&dir, "the new worker", |e| count(e, "up ") == 2);
+    assert!(position(&e, "reload done 2") < last_position(&e, "up "), "{e:#?}");
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
+
 #[test]
 fn on_starting_retries_then_succeeds() {
     let dir = Dir::new();

@@ -630,3 +630,43 @@ forever()"#,
     }
     assert_eq!(presup.log.count("stopping worker"), 0, "{}", presup.log.text());
 }
+
+/// A reload that removes a listener and is undone gets the listener back: the same socket,
+/// still bound in the master, so a worker started after the undo has both listeners again.
+#[test]
+fn an_undone_reload_keeps_the_listener_it_removed() {
+    let dir = Dir::new();
+    dir.script(
+        "app.sh",
+        "echo \"up $PRESUP_WORKER_ID $$ $PRESUP_GENERATION\" >> events\necho \"$$ $LISTEN_FDNAMES\" >> names\nexec sleep 1000",
+    );
+    dir.script("bad.sh", "exit 1");
+    let config = |command: &str, listen: &str| {
+        format!(
+            "graceful_timeout = \"10s\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n{listen}[workers]\ncommand = [\"{command}\"]\ncount = 2\nmin_uptime = \"10s\"\n"
+        )
+    };
+    // A fixed port: binding it again while the old workers hold it would fail.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = format!("[[listen]]\nname = \"admin\"\naddress = \"127.0.0.1:{port}\"\n");
+    let first =
+        config("./app.sh", &admin).replace("min_uptime = \"10s\"", "min_uptime = \"200ms\"");
+    let presup = Presup::start(&dir, &first);
+    presup.log.wait_for("ready: all workers up");
+    let gen1 = wait_generation(&dir, &presup, 1, 2);
+    dir.write("supervisor.toml", &config("./bad.sh", ""));
+    presup.signal(Signal::SIGHUP);
+    presup.log.wait_for("undone");
+    // A worker killed now comes back with both listeners of the restored config.
+    let victim = gen1.iter().find(|u| u.slot == 1).unwrap().pid;
+    kill(victim, Signal::SIGKILL);
+    let respawned = wait_up(&dir, &presup, "slot 1 respawned", |u| u.pid != victim && u.slot == 1);
+    let names = common::wait_until("its listeners", DEADLINE, || {
+        let lines = dir.lines("names");
+        let prefix = format!("{} ", respawned.pid);
+        lines.iter().find(|l| l.starts_with(&prefix)).cloned()
+    });
+    assert_eq!(names, format!("{} http:admin", respawned.pid));
+    assert_eq!(presup.log.count("cannot restore the listeners"), 0);
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the admin listener is still open");
+}

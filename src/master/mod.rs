@@ -7,8 +7,8 @@
 //! sleeps until something happens). Decisions live in the submodules; this one performs them.
 //!
 //! The stages follow DESIGN.md §2: `on_starting` hooks → singletons in file order → workers →
-//! running; on the way out, workers → singletons in reverse → `on_exit` hooks (whenever
-//! `on_starting` ran) → the children reparented to the master are killed → exit.
+//! running; on the way out, workers → singletons in reverse → `on_exit` hooks (on every
+//! way out once the master reached `on_starting`) → the children reparented to the master are killed → exit.
 
 mod children;
 pub mod hooks;
@@ -188,7 +188,8 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         singletons: Singletons::new(&config.singleton, now),
         runs: vec![on_starting],
         stage: Stage::OnStarting,
-        on_starting_ran: !config.hooks.on_starting.is_empty(),
+        fast_stop: false,
+        retired_listeners: Vec::new(),
         pending_reload: None,
         rollback_config: None,
         reload_notified: false,
@@ -227,8 +228,11 @@ struct Master {
     singletons: Singletons,
     /// Hook runs under way (the finished ones are dropped).
     runs: Vec<HookRun>,
-    /// Whether `on_starting` ran (so `on_exit` must).
-    on_starting_ran: bool,
+    /// The stop under way is fast (INT/QUIT): singletons get SIGQUIT and a short grace too.
+    fast_stop: bool,
+    /// Listeners a reload removed, kept while the old workers may still serve on them and a
+    /// rollback may need them back; closed when the reload is done or undone.
+    retired_listeners: Vec<Listener>,
     /// A valid new config waiting for its `on_reload` hooks.
     pending_reload: Option<Config>,
     /// While a reload rolls out: the last config fully rolled out, restored if it fails.
@@ -299,15 +303,14 @@ impl Master {
                 Stage::Singletons
             }
             Stage::StoppingWorkers if self.pool.is_done() => {
-                self.singletons.stop(false, now);
+                self.singletons.stop(self.fast_stop, now);
                 Stage::StoppingSingletons
             }
             // on_exit is the last word: it waits for the hooks still running (the worker_exit
             // of the last workers, say), each bounded by its timeout.
             Stage::StoppingSingletons if self.singletons.is_done() && self.runs.is_empty() => {
-                if self.on_starting_ran {
-                    self.start_hooks(Point::OnExit, vec![], now);
-                }
+                // Every way out of a master that reached on_starting (configured or not).
+                self.start_hooks(Point::OnExit, vec![], now);
                 Stage::OnExit
             }
             Stage::OnExit if self.runs.is_empty() => Stage::Sweep,
@@ -323,6 +326,7 @@ impl Master {
 
     /// Begins the way out: workers first, then singletons, then `on_exit`.
     fn stop(&mut self, fast: bool, now: Instant) {
+        self.fast_stop |= fast;
         if self.stage == Stage::OnStarting {
             for run in &mut self.runs {
                 if let Some(pid) = run.abandon() {
@@ -483,8 +487,10 @@ impl Master {
                 );
             }
         }
-        if point == Point::OnReload {
-            // A stop that came while on_reload ran drops the reload: nothing new starts.
+        // The pending config is the last HUP's: it applies once every on_reload run is over
+        // (a second HUP started its own), unless a stop came meanwhile.
+        let on_reload_left = self.runs.iter().any(|r| r.point == Point::OnReload);
+        if point == Point::OnReload && !on_reload_left {
             if let Some(new) = self.pending_reload.take().filter(|_| !self.stage.stopping()) {
                 self.apply_reload(new);
             }
@@ -585,6 +591,7 @@ impl Master {
                 }
                 pool::Action::ReloadDone { generation } => {
                     self.rollback_config = None;
+                    self.retired_listeners.clear();
                     self.reload_failure = None;
                     info!(
                         generation,
@@ -601,6 +608,8 @@ impl Master {
                         if let Err(e) = self.rebind(&old) {
                             error!("cannot restore the listeners of the running config: {e}");
                         }
+                        // What is left are the failed config's own new listeners.
+                        self.retired_listeners.clear();
                         self.singletons.reconfigure(&old.singleton, now);
                         self.config = old;
                     }
@@ -853,17 +862,26 @@ impl Master {
         info!(generation = self.pool.generation(), workers = self.pool.target(), "HUP: reloading");
     }
 
-    /// Makes the listeners match `new`: an unchanged address keeps its socket, a new one is
-    /// bound, a removed one is closed (workers that hold it keep it until they exit).
+    /// Makes the listeners match `new`: an unchanged address keeps its socket (a retired one
+    /// comes back), a new one is bound, a removed one is retired until the reload is over.
     fn rebind(&mut self, new: &Config) -> Result<(), BindError> {
-        let is_new =
-            |spec: &&config::Listen| !self.listeners.iter().any(|l| l.address == spec.address);
+        let held = |spec: &&config::Listen| {
+            let mut all = self.listeners.iter().chain(&self.retired_listeners);
+            all.any(|l| l.address == spec.address)
+        };
         // Bind first: a failure leaves the running listeners untouched.
-        let fresh: Vec<Listener> =
-            new.listen.iter().filter(is_new).map(Listener::bind).collect::<Result<_, _>>()?;
+        let fresh: Vec<Listener> = new
+            .listen
+            .iter()
+            .filter(|spec| !held(spec))
+            .map(Listener::bind)
+            .collect::<Result<_, _>>()?;
         let mut fresh = fresh.into_iter();
-        let mut old: Vec<Option<Listener>> =
-            std::mem::take(&mut self.listeners).into_iter().map(Some).collect();
+        let mut old: Vec<Option<Listener>> = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .chain(std::mem::take(&mut self.retired_listeners))
+            .map(Some)
+            .collect();
         for spec in &new.listen {
             let kept =
                 old.iter_mut().find(|l| l.as_ref().is_some_and(|l| l.address == spec.address));
@@ -874,6 +892,7 @@ impl Master {
             l.name = spec.name.clone();
             self.listeners.push(l);
         }
+        self.retired_listeners.extend(old.into_iter().flatten());
         Ok(())
     }
 
