@@ -207,10 +207,10 @@ while :; do sleep 1 & wait $!; done"#,
 fn a_second_hup_during_on_reload_waits_for_its_own_hook() {
     let dir = Dir::new();
     fixtures(&dir);
-    // Each run records itself, then waits for its own go file (go.1, go.2).
+    // Each run records `reload waiting PID`, then waits for its own file go.PID.
     dir.script(
         "reload.sh",
-        &format!("{HOOK}\nn=$(grep -c 'hook on_reload' events)\nwhile [ ! -e go.$n ]; do sleep 0.01; done\necho \"reload done $n\" >> events"),
+        "echo \"reload waiting $$\" >> events\nwhile [ ! -e go.$$ ]; do sleep 0.01; done\necho \"reload done $$\" >> events",
     );
     let toml = config(1, &[], &[]).replace(
         "[hooks]",
@@ -219,14 +219,17 @@ fn a_second_hup_during_on_reload_waits_for_its_own_hook() {
     let mut presup = Presup::start(&dir, &toml);
     wait_events(&dir, "the worker", |e| count(e, "up ") == 1);
     presup.signal(Signal::SIGHUP);
-    wait_events(&dir, "on_reload 1", |e| count(e, "hook on_reload") == 1);
+    let e = wait_events(&dir, "on_reload 1", |e| count(e, "reload waiting") == 1);
+    let first = pid_of(&e[position(&e, "reload waiting")]);
     presup.signal(Signal::SIGHUP);
-    wait_events(&dir, "on_reload 2", |e| count(e, "hook on_reload") == 2);
-    std::fs::write(dir.join("go.1"), "").unwrap();
-    wait_events(&dir, "run 1 over", |e| count(e, "reload done 1") == 1);
-    std::fs::write(dir.join("go.2"), "").unwrap();
+    let e = wait_events(&dir, "on_reload 2", |e| count(e, "reload waiting") == 2);
+    let second = pid_of(&e[last_position(&e, "reload waiting")]);
+    std::fs::write(dir.join(&format!("go.{first}")), "").unwrap();
+    wait_events(&dir, "run 1 over", |e| count(e, "reload done") == 1);
+    std::fs::write(dir.join(&format!("go.{second}")), "").unwrap();
     let e = wait_events(&dir, "the new worker", |e| count(e, "up ") == 2);
-    assert!(position(&e, "reload done 2") < last_position(&e, "up "), "{e:#?}");
+    let done2 = e.iter().position(|l| l == &format!("reload done {second}")).expect("run 2 done");
+    assert!(done2 < last_position(&e, "up "), "{e:#?}");
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
 }

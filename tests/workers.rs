@@ -63,6 +63,14 @@ fn wait_dead(pid: i32) {
 }
 
 /// fd number → link target, for a live process.
+/// Whether `pid` runs `sleep` and is blocked in it (state S): done starting up.
+fn asleep_in_sleep(pid: i32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
+    comm.trim() == "sleep" && state == Some("S")
+}
+
 fn fds_of(pid: i32) -> Vec<(i32, String)> {
     let mut v: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -139,6 +147,11 @@ fn workers_get_their_environment_and_only_the_listeners() {
         // NOTIFY_SOCKET is the master's own socket, never the one systemd gave the master.
         let notify = get(&env, "NOTIFY_SOCKET").expect("NOTIFY_SOCKET");
         assert!(notify.contains("/presup-") && notify.ends_with("/notify"), "{notify}");
+        // Sampled once the worker sleeps: while `exec sleep` starts, the loader and the locale
+        // briefly hold files of their own open.
+        wait_until("the worker asleep in sleep(1)", DEADLINE, || {
+            asleep_in_sleep(u.pid).then_some(())
+        });
         let fds = fds_of(u.pid);
         let numbers: Vec<i32> = fds.iter().map(|f| f.0).collect();
         assert_eq!(numbers, [0, 1, 2, 3, 4], "fds of worker {}: {fds:?}", u.pid);
