@@ -542,3 +542,22 @@ fn a_notify_singleton_is_ready_at_ready_1_and_a_tcp_one_when_its_port_accepts() 
     assert!(at("singleton ready singleton=a") < at("singleton spawned singleton=b"));
     assert!(at("singleton ready singleton=b") < at("worker spawned"));
 }
+
+/// A master with singletons and no workers stays without: TTIN and TTOU are ignored.
+#[test]
+fn ttin_and_ttou_leave_a_master_without_workers_alone() {
+    let dir = Dir::new();
+    fixtures(&dir);
+    let toml = format!("graceful_timeout = \"5s\"\n{}", singleton("s"));
+    let mut presup = Presup::start(&dir, &toml);
+    wait_events(&dir, "the singleton", |e| count(e, "start s ") == 1);
+    presup.signal(Signal::SIGTTOU);
+    presup.log.wait_for_nth("no workers (count = 0); ignored", 1);
+    presup.signal(Signal::SIGTTIN);
+    presup.log.wait_for_nth("no workers (count = 0); ignored", 2);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert_eq!(presup.log.count("worker spawned"), 0);
+    assert_eq!(presup.log.count("cannot start worker"), 0);
+    assert_eq!(count(&events(&dir), "up "), 0);
+}

@@ -661,6 +661,9 @@ impl Master {
                 self.stop(true, now);
             }
             Event::Hup => self.reload(now),
+            Event::Ttin | Event::Ttou if self.pool.target() == 0 => {
+                warn!(signal = ?event, "this master runs no workers (count = 0); ignored");
+            }
             Event::Ttin => {
                 self.pool.set_target(self.pool.target() + count as usize);
                 info!(workers = self.pool.target(), "TTIN: one worker more");

@@ -246,9 +246,10 @@ impl Pool {
         matches!(self.phase, Phase::Stopping { .. }) && self.workers.is_empty()
     }
 
-    /// Changes the wanted number of workers (TTIN/TTOU); never below 1.
+    /// Changes the wanted number of workers (TTIN/TTOU); never below 1, and never from 0.
     pub fn set_target(&mut self, n: usize) {
-        self.target = n.max(1);
+        // A master without workers (singletons only) stays without.
+        self.target = if self.target == 0 { 0 } else { n.max(1) };
     }
 
     /// Starts a new generation with `policy` and `target` workers (a reload). A reload during
