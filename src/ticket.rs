@@ -34,7 +34,7 @@ use nix::time::{clock_gettime, clock_nanosleep, ClockId, ClockNanosleepFlags};
 
 pub use layout::Params;
 pub use reserve::{Daily, Reservation, Status};
-pub use set::Tickets;
+pub use set::{Tickets, MAX_BUCKETS, MAX_DAILY_LIMIT};
 
 /// Why a ticket cannot be used or made.
 #[derive(Debug, thiserror::Error)]

@@ -90,3 +90,16 @@ fn a_missing_config_file_is_a_usage_error() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--log-format") && err.contains("xml"), "{err}");
 }
+
+#[test]
+fn ticket_sizes_beyond_a_file_are_config_errors() {
+    let dir = Dir::new();
+    dir.write(
+        "supervisor.toml",
+        "[workers]\ncommand = [\"true\"]\n[tickets.identify]\ninterval = \"5s\"\nbuckets = 100000\ndaily_limit = 2000000\n",
+    );
+    let (code, _, err) = run(&["check"], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tickets.identify.buckets") && err.contains("line 5"), "{err}");
+    assert!(err.contains("tickets.identify.daily_limit") && err.contains("line 6"), "{err}");
+}

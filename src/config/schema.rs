@@ -287,8 +287,9 @@ fn read_tickets(top: &Table) -> BTreeMap<String, Ticket> {
 fn read_ticket(t: &Table) -> Option<Ticket> {
     let interval = t.require("interval", Item::nonzero_duration);
     Some(Ticket {
-        buckets: t.get_or("buckets", |v| v.u32(1..=u32::MAX), 1),
-        daily_limit: t.get("daily_limit", |v| v.int(1..=u64::MAX)),
+        // The sizes a ticket file may have: a config error (exit 2), not a failed start.
+        buckets: t.get_or("buckets", |v| v.u32(1..=crate::ticket::MAX_BUCKETS), 1),
+        daily_limit: t.get("daily_limit", |v| v.int(1..=crate::ticket::MAX_DAILY_LIMIT)),
         daily_period: t.get_or("daily_period", Item::nonzero_duration, 24 * 3600 * SEC),
         http: t.get("http", Item::socket_addr),
         path: t.get("path", Item::path),

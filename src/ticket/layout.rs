@@ -125,7 +125,10 @@ impl Mapping {
             )));
         }
         let p = h.params();
-        if p.buckets == 0 || p.interval_ns == 0 || (p.daily() && p.daily_period_ns == 0) {
+        // Bounded sizes first: `file_len` below must not overflow on a corrupt header.
+        let too_big = p.buckets > super::MAX_BUCKETS || p.daily_limit > super::MAX_DAILY_LIMIT;
+        if too_big || p.buckets == 0 || p.interval_ns == 0 || (p.daily() && p.daily_period_ns == 0)
+        {
             return Err(bad(format!("invalid sizes in the header: {p:?}")));
         }
         if (m.map.len() as u64) < p.file_len() as u64 {

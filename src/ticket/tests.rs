@@ -364,3 +364,19 @@ fn a_lock_holder_is_dead_once_gone_a_zombie_or_its_pid_reused() {
     child.wait().unwrap();
     assert!(ThisProcess.dead(word));
 }
+
+#[test]
+fn a_header_announcing_absurd_sizes_is_refused_before_any_length_arithmetic() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ticket");
+    drop(super::file::create(&path, &params(2, 1000, 0, 0), [1, 2]).unwrap());
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    // `#[repr(C)]` header: daily_limit at byte 24, daily_period_ns at 32. 2^61 words would
+    // wrap the file length in 64 bits.
+    f.write_all_at(&(1u64 << 61).to_ne_bytes(), 24).unwrap();
+    f.write_all_at(&1_000u64.to_ne_bytes(), 32).unwrap();
+    let err = super::layout::Mapping::map(&f).err().expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("invalid sizes"), "{err}");
+}
