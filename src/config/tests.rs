@@ -399,7 +399,7 @@ http = "unix:x.sock"
         r#"listen[2].address: line 14, column 11: invalid address "localhost:http": invalid port "http""#,
         r#"tickets.bad-name: line 15, column 10: invalid ticket name "bad-name": use only letters, digits and '_' (it becomes PRESUP_TICKET_<NAME>)"#,
         r#"tickets.bad-name.interval: line 16, column 12: must be greater than zero"#,
-        r#"tickets.bad-name.daily_limit: line 17, column 15: expected an integer >= 1, found 0"#,
+        r#"tickets.bad-name.daily_limit: line 17, column 15: expected an integer from 1 to 1048576, found 0"#,
         r#"tickets.bad-name.http: line 18, column 8: expected a TCP "host:port", found "unix:x.sock""#,
     ];
     assert_eq!(printed(text), expected);
