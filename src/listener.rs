@@ -3,6 +3,10 @@
 //! TCP (IPv4 and IPv6) and Unix stream sockets, each with its configured backlog, all
 //! close-on-exec in the master (the spawn places them at fds 3, 4, ... in a worker). A Unix
 //! socket file left by a dead process is replaced only when nothing accepts on it.
+//!
+//! Every TCP listener, bound or inherited, has `TCP_NODELAY` set: Linux copies it to each
+//! accepted connection, so no worker waits on Nagle's algorithm and delayed ACKs (40 ms per
+//! keep-alive response for a server that writes its head and body apart, as uvicorn does).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -64,13 +68,17 @@ impl Listener {
     }
 
     /// A socket systemd passed to the master, standing for `spec` (never unlinked by presup).
-    fn adopt(spec: &Listen, inherited: Inherited) -> Listener {
-        Listener {
+    fn adopt(spec: &Listen, inherited: Inherited) -> Result<Listener, BindError> {
+        if matches!(inherited.local, Local::Tcp(_)) {
+            setsockopt(&inherited.fd, sockopt::TcpNoDelay, &true)
+                .map_err(|e| BindError::Os { address: spec.address.clone(), source: e.into() })?;
+        }
+        Ok(Listener {
             name: spec.name.clone(),
             address: spec.address.clone(),
             fd: inherited.fd,
             created: None,
-        }
+        })
     }
 
     /// The address actually bound (differs from the configured one for port 0).
@@ -133,7 +141,7 @@ pub fn bind_or_adopt(
         .iter()
         .zip(slots)
         .map(|(spec, slot)| match slot {
-            Some(fd) => Ok((Listener::adopt(spec, fd), true)),
+            Some(fd) => Listener::adopt(spec, fd).map(|l| (l, true)),
             None => Listener::bind(spec).map(|l| (l, false)),
         })
         .collect()
@@ -153,6 +161,7 @@ fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
     match addr {
         std::net::SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
         std::net::SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
@@ -213,6 +222,15 @@ mod tests {
         let taken: std::net::SocketAddr = first.local_addr().unwrap().parse().unwrap();
         let err = Listener::bind(&spec(Address::Tcp(taken))).unwrap_err().to_string();
         assert!(err.contains(&taken.to_string()) && err.contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn accepted_tcp_connections_inherit_tcp_nodelay() {
+        let l = Listener::bind(&spec(Address::Tcp("127.0.0.1:0".parse().unwrap()))).unwrap();
+        let std = std::net::TcpListener::from(l.fd.try_clone().unwrap());
+        let _client = std::net::TcpStream::connect(std.local_addr().unwrap()).unwrap();
+        let (accepted, _) = std.accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "an accepted connection waits on Nagle");
     }
 
     #[test]

@@ -57,7 +57,7 @@ struct Helper {
 impl Helper {
     fn start(dir: &Dir, script: &str) -> Helper {
         let port_file = dir.join(&format!("{script}.port"));
-        let child = Command::new("python3")
+        let child = common::python3()
             .arg(script)
             .args(["--port", "0", "--port-file"])
             .arg(&port_file)
@@ -266,7 +266,7 @@ fn interactions_registers_the_commands_once_for_4_workers_a_reload_and_restarts(
     assert_eq!(registrations(&discord), (1, 0), "nothing registered when workers restart");
 
     // The stand-in does catch a second registration: by hand, now, it gets a 429.
-    let out = Command::new("python3")
+    let out = common::python3()
         .args(["app.py", "register"])
         .env("DISCORD_API_BASE", format!("http://{api}/api/v10"))
         .env("DISCORD_APPLICATION_ID", "123456789012345678")

@@ -292,11 +292,32 @@ min_uptime = "100ms"
     assert_eq!(get("LISTEN_PID"), Some(worker.to_string().as_str()));
     assert_eq!(get("PRESUP_MASTER_PID"), Some(master.to_string().as_str()));
     assert!(get("NOTIFY_SOCKET").is_some_and(|p| p.contains(&format!("presup-{master}-"))));
+    // presup sets TCP_NODELAY on TCP sockets systemd passed too (fd 3: "http"), and on its own.
+    assert!(tcp_nodelay_of(worker, 3), "the inherited TCP listener has no TCP_NODELAY");
+    assert!(tcp_nodelay_of(worker, 5), "the bound TCP listener has no TCP_NODELAY");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(master), Signal::SIGTERM).unwrap();
     presup.log.wait_for("master stopped");
     assert_eq!(presup.wait_exit(), Some(0));
     assert!(admin.exists(), "presup never unlinks a socket file systemd created");
+}
+
+/// Whether the TCP socket at `fd` of process `pid` has `TCP_NODELAY`, read through a copy of
+/// the fd (`pidfd_getfd`, which needs the right to ptrace `pid`: the test's own children).
+fn tcp_nodelay_of(pid: i32, fd: i32) -> bool {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain syscalls with integer arguments; each returned fd is owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: as above.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    assert!(copy >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    let copy = unsafe { OwnedFd::from_raw_fd(copy as i32) };
+    nix::sys::socket::getsockopt(&copy, nix::sys::socket::sockopt::TcpNoDelay).unwrap()
 }
 
 #[test]

@@ -313,7 +313,7 @@ fn urllib(method: &str, url: &str) -> (u16, String) {
          r = u.urlopen(u.Request('{url}', method='{method}', data=b'x' if '{method}' == 'POST' else None), timeout=20)\n\
          sys.stdout.write(str(r.status) + ' ' + r.read().decode())"
     );
-    let out = Command::new("python3").args(["-c", &code]).output().unwrap();
+    let out = common::python3().args(["-c", &code]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let (status, body) = text.split_once(' ').unwrap();
@@ -409,7 +409,7 @@ impl Gateway {
     fn start(dir: &Dir, args: &[&str]) -> Gateway {
         let port_file = dir.join("gateway.port");
         let _ = std::fs::remove_file(&port_file);
-        let child = Command::new("python3")
+        let child = common::python3()
             .args(["gateway.py", "--port", "0", "--port-file"])
             .arg(&port_file)
             .args(args)
@@ -517,7 +517,7 @@ fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kill
         }
     }
     let _rogue = Rogue(
-        Command::new("python3")
+        common::python3()
             .arg("bot.py")
             .current_dir(dir.path())
             .env("BOT_NO_TICKET", "1")

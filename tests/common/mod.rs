@@ -161,6 +161,54 @@ impl Dir {
     }
 }
 
+/// The `bin` directory of the tests' Python virtual environment, made on first use with the
+/// packages of `tests/requirements.txt` (Flask, gunicorn): the tests rely on nothing installed
+/// by hand. Tests run in parallel processes, so the first one makes it under a file lock and
+/// the others wait; a stamp holding the requirements says whether it is complete and current.
+pub fn venv_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(make_venv).clone()
+}
+
+fn make_venv() -> PathBuf {
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements).unwrap();
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv");
+    let stamp = venv.join("presup-requirements.txt");
+    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        let run = |program: &Path, args: &[&str]| {
+            let out = Command::new(program).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{} {args:?} failed: {}",
+                program.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Path::new("python3"), &["-m", "venv", &venv.display().to_string()]);
+        let req = requirements.display().to_string();
+        run(&venv.join("bin/python3"), &["-m", "pip", "install", "--quiet", "-r", &req]);
+        std::fs::write(&stamp, &wanted).unwrap();
+    }
+    venv.join("bin")
+}
+
+/// `PATH` with the tests' virtual environment first: what children of the tests run with.
+pub fn path_with_venv() -> std::ffi::OsString {
+    let mut dirs = vec![venv_bin()];
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(dirs).unwrap()
+}
+
+/// A `python3` command of the tests' virtual environment.
+pub fn python3() -> Command {
+    Command::new(venv_bin().join("python3"))
+}
+
 /// A running master.
 pub struct Presup {
     pub child: Child,
@@ -218,6 +266,7 @@ impl Presup {
             .arg("debug")
             .args(args)
             .current_dir(dir.path())
+            .env("PATH", path_with_venv())
             .env_remove("WEB_CONCURRENCY")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
