@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{alive, wait_until, Dir, Presup, DEADLINE};
@@ -560,4 +560,58 @@ fn a_sigkilled_master_leaves_no_worker_or_singleton_behind() {
     assert_eq!((status, body.starts_with("AGAIN from flow")), (200, true), "{body}");
     again.signal(Signal::SIGTERM);
     assert_eq!(again.wait_exit(), Some(0));
+}
+
+/// The process ids whose parent is `pid` (from `/proc/*/stat`).
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1));
+        if ppid == Some(pid.to_string().as_str()) && alive(child) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn gunicorn_serves_from_presup_workers_reloads_and_leaves_nothing() {
+    let dir = Dir::new();
+    copy_example(&dir, "gunicorn");
+    edit_config(&dir, "127.0.0.1:8004", "127.0.0.1:0");
+    let mut presup = start(&dir);
+    let port = presup.port("http");
+    // Each presup worker is a gunicorn arbiter: READY=1 (ready = "notify") comes from it once
+    // its app is imported; then its two sync workers accept on presup's socket.
+    presup.log.wait_for("ready: all workers up");
+    let arbiters = wait_spawned(&presup, 1, 2);
+    let gunicorn_workers: Vec<i32> = arbiters
+        .iter()
+        .flat_map(|a| wait_until("2 gunicorn workers", DEADLINE, || {
+            let c = children_of(a.pid);
+            (c.len() == 2).then_some(c)
+        }))
+        .collect();
+    wait_all_answer(port, &gunicorn_workers);
+    let body = common::http_get(port).unwrap();
+    assert!(body.contains("generation 1"), "{body}");
+    // gunicorn's post_fork records its workers, so the harness checks that none outlives presup.
+    let recorded = dir.pids();
+    assert!(gunicorn_workers.iter().all(|p| recorded.contains(p)), "{recorded:?}");
+
+    // A rolling reload: two new arbiters, each up (READY=1) before an old one stops.
+    presup.signal(Signal::SIGHUP);
+    presup.log.wait_for("reload done");
+    let body = common::http_get(port).unwrap();
+    assert!(body.contains("generation 2"), "{body}");
+    for a in &arbiters {
+        wait_dead(a.pid);
+    }
+
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    let log = presup.log.text();
+    assert!(!log.contains("File exists"), "gunicorn's control sockets collided:\n{log}");
 }

@@ -13,6 +13,7 @@ A line protocol instead of a websocket, to stay in the standard library:
     STATS                            ->  {"identifies": N, "violations": N, "live": [shards]}
 
     python3 gateway.py --port 8090 [--port-file F] [--interval 1] [--buckets 2] [--slack 0.1]
+    python3 gateway.py --port 8090 --stats     # asks a running gateway for its STATS line
 """
 
 import argparse
@@ -88,7 +89,15 @@ def main():
     p.add_argument("--slack", type=float, default=0.1)
     p.add_argument("--daily-limit", type=int, default=1000)
     p.add_argument("--daily-period", type=float, default=86400.0)
+    p.add_argument("--stats", action="store_true", help="print a running gateway's STATS")
     ARGS = p.parse_args()
+    if ARGS.stats:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", ARGS.port), timeout=10) as s:
+            s.sendall(b"STATS\n")
+            print(s.makefile().readline().strip())
+        return
     server = Server(("127.0.0.1", ARGS.port), Shard)
     if ARGS.port_file:
         with open(ARGS.port_file + ".tmp", "w") as f:

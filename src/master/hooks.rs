@@ -163,8 +163,11 @@ impl HookRun {
             let mut outcome = outcome.clone();
             if killed {
                 outcome.ok = false;
-                outcome.status =
-                    format!("killed at its {} timeout", humantime::format_duration(hook.timeout));
+                outcome.status = if self.abandoned {
+                    "killed: the master is stopping".to_owned()
+                } else {
+                    format!("killed at its {} timeout", humantime::format_duration(hook.timeout))
+                };
             }
             self.failure.get_or_insert((self.index, outcome));
             // on_starting stops at its first failure; other points carry on with the next.
@@ -289,6 +292,9 @@ mod tests {
         run.finished(&Outcome { ok: false, status: "killed by SIGKILL".into() }, t);
         assert!(run.is_done());
         assert_eq!(run.step(t), vec![]);
+        // Said as it is: the stop killed it, not its timeout.
+        let (_, outcome) = run.failure().unwrap();
+        assert_eq!(outcome.status, "killed: the master is stopping");
         let empty = HookRun::new(Point::OnExit, vec![], vec![], t);
         assert!(empty.is_done());
     }

@@ -48,7 +48,7 @@ pub enum MasterError {
     Pidfile(#[from] PidfileError),
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("worker command `{command}` failed to boot {attempts} times in a row in slot {slot}; last: {last}")]
+    #[error("worker command `{command}` failed to boot {} in a row in slot {slot}; last: {last}", times(*attempts))]
     Boot { command: String, slot: usize, attempts: u32, last: ExitStatus },
     #[error("on_starting hook `{command}` failed: {status}")]
     Hook { command: String, status: String },
@@ -979,6 +979,33 @@ fn log_singleton_exit(name: &str, pid: Pid, exit: &singletons::Exit) {
     }
 }
 
+/// "once", "twice", "3 times".
+fn times(n: u32) -> String {
+    match n {
+        1 => "once".to_owned(),
+        2 => "twice".to_owned(),
+        n => format!("{n} times"),
+    }
+}
+
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_failure_counts_its_attempts_in_words() {
+        let boot = |attempts| MasterError::Boot {
+            command: "./app".into(),
+            slot: 0,
+            attempts,
+            last: ExitStatus::Code(1),
+        };
+        assert!(boot(1).to_string().contains("failed to boot once in a row"), "{}", boot(1));
+        assert!(boot(2).to_string().contains("failed to boot twice in a row"), "{}", boot(2));
+        assert!(boot(5).to_string().contains("failed to boot 5 times in a row"), "{}", boot(5));
+    }
 }
