@@ -9,17 +9,19 @@
 //! ```
 //!
 //! Routes: `/lookup/N`; `/env/NAME` (the worker's environment); `/exit` (the worker function
-//! returns); `/marker` and `/poke` (which
+//! returns); `/sleep/MS` (answers after MS milliseconds); `/marker` and `/poke` (which
 //! writes the worker's pid into its own copy of the state: the other workers do not see it). `--per-worker` builds the table in
 //! each worker instead (what the benchmark compares with), `--preload-log FILE` appends a line
 //! each time `preload` runs, and `--leave-thread` leaves a thread running after `preload` (the
-//! master must refuse to fork).
+//! master must refuse to fork). `--drain-on-term` catches TERM with `signal-hook` in the worker
+//! (as `tokio::signal` would): the request in hand is answered, then the worker returns 0.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use clap::Parser;
 use presup::prefork::Context;
@@ -41,6 +43,9 @@ struct Cli {
     /// Leave a thread running after preload (the master refuses to fork).
     #[arg(long)]
     leave_thread: bool,
+    /// Catch TERM in the worker (signal-hook): finish the request in hand, then exit 0.
+    #[arg(long)]
+    drain_on_term: bool,
 }
 
 /// The preloaded state: the table, and a marker each worker may write in its own copy.
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let (mb, per_worker, leave_thread) = (cli.mb, cli.per_worker, cli.leave_thread);
+    let drain_on_term = cli.drain_on_term;
     let log = cli.preload_log.clone();
     let preload = move || {
         if let Some(path) = &log {
@@ -80,6 +86,16 @@ fn main() -> ExitCode {
         State { table, marker: AtomicU64::new(0) }
     };
     let worker = move |state: &State, ctx: Context<'_>| -> i32 {
+        let term = Arc::new(AtomicBool::new(false));
+        if drain_on_term {
+            // A handler of the worker's own: TERM no longer ends it at once.
+            let registered =
+                signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone());
+            if let Err(e) = registered {
+                eprintln!("preload: cannot catch TERM: {e}");
+                return 2;
+            }
+        }
         let own;
         let table = if per_worker {
             own = build(mb);
@@ -87,12 +103,12 @@ fn main() -> ExitCode {
         } else {
             &state.table
         };
-        serve(state, table, &ctx)
+        serve(state, table, &ctx, &term)
     };
     presup::prefork::run(&cli.presup, preload, worker)
 }
 
-fn serve(state: &State, table: &[u64], ctx: &Context<'_>) -> i32 {
+fn serve(state: &State, table: &[u64], ctx: &Context<'_>, term: &AtomicBool) -> i32 {
     let Some(name) = ctx.listener_names().next().map(str::to_owned) else {
         eprintln!("preload: the config has no [[listen]]");
         return 2;
@@ -109,6 +125,11 @@ fn serve(state: &State, table: &[u64], ctx: &Context<'_>) -> i32 {
         let Ok(conn) = conn else { continue };
         // `/exit`: the worker function returns (presup's `_exit` ends the process).
         if let Ok(true) = answer(state, table, ctx, conn) {
+            return 0;
+        }
+        // TERM came while this request was served (the next accept would wait for ever).
+        if term.load(Ordering::Relaxed) {
+            eprintln!("preload: TERM: the request in hand was answered; exiting");
             return 0;
         }
     }
@@ -142,6 +163,9 @@ fn answer(
             Ok(v) => ("200 OK", format!("{v}\n")),
             Err(_) => ("404 Not Found", format!("{name} is not set\n")),
         }
+    } else if let Some(ms) = path.strip_prefix("/sleep/") {
+        std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+        ("200 OK", format!("pid {pid} slept {ms} ms\n"))
     } else if path == "/exit" {
         ("200 OK", format!("pid {pid} exits\n"))
     } else if path == "/poke" {

@@ -1,18 +1,23 @@
 //! Signals turned into counted events at the edge.
 //!
-//! The handlers do two async-signal-safe things: bump a per-signal counter and write one byte
-//! to a non-blocking self-pipe. The master polls the pipe's read end with everything else and,
-//! once woken, drains the pipe and takes the counters ([`Signals::drain`]). Nothing is done in
-//! signal context. Counting (rather than a flag) keeps `kill -TTIN` sent three times in a row
-//! worth three workers.
-#![allow(unsafe_code)]
+//! The master blocks the signals it acts on and reads them from a `signalfd`, polled with
+//! everything else; once woken, it drains the fd and counts each signal ([`Signals::drain`]).
+//! No handler is ever installed, so nothing runs in signal context, and a process forked from
+//! the master holds no trace of presup's signal machinery: its dispositions are the defaults
+//! (nothing was changed), and the spawn empties the mask it inherited. A signal library in a
+//! forked worker (tokio, signal-hook, ctrlc) then finds a process as fresh as any: the process-
+//! wide registries such libraries keep were never touched in the master, so the worker's copy
+//! of them is empty and they install their handlers for real.
+//!
+//! The kernel keeps one pending instance of each standard signal: signals sent back to back
+//! before the master reads them merge; signals sent apart are each counted.
 
-use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-use signal_hook::consts::signal as sig;
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// The signals the master acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,92 +46,74 @@ impl Event {
         Event::Usr2,
     ];
 
-    pub fn number(self) -> i32 {
+    pub fn signal(self) -> Signal {
         match self {
-            Event::Term => sig::SIGTERM,
-            Event::Int => sig::SIGINT,
-            Event::Quit => sig::SIGQUIT,
-            Event::Hup => sig::SIGHUP,
-            Event::Ttin => sig::SIGTTIN,
-            Event::Ttou => sig::SIGTTOU,
-            Event::Usr1 => sig::SIGUSR1,
-            Event::Usr2 => sig::SIGUSR2,
-            Event::Chld => sig::SIGCHLD,
+            Event::Term => Signal::SIGTERM,
+            Event::Int => Signal::SIGINT,
+            Event::Quit => Signal::SIGQUIT,
+            Event::Hup => Signal::SIGHUP,
+            Event::Ttin => Signal::SIGTTIN,
+            Event::Ttou => Signal::SIGTTOU,
+            Event::Usr1 => Signal::SIGUSR1,
+            Event::Usr2 => Signal::SIGUSR2,
+            Event::Chld => Signal::SIGCHLD,
         }
+    }
+
+    pub fn number(self) -> i32 {
+        self.signal() as i32
     }
 }
 
-/// Counters indexed by signal number; only the numbers in [`Event::ALL`] are ever touched.
-static COUNTS: [AtomicU32; 65] = [const { AtomicU32::new(0) }; 65];
-
-/// The installed handlers and the read end of their self-pipe.
+/// The blocked signals and the `signalfd` that receives them.
 pub struct Signals {
-    read: UnixStream,
-    // Kept open for the handlers, which write to its raw fd.
-    _write: UnixStream,
-    ids: Vec<signal_hook::SigId>,
+    fd: SignalFd,
 }
 
 impl Signals {
-    /// Installs the handlers. Call once, in the master, before any child exists.
+    /// Blocks the master's signals and opens their `signalfd`. Call once, in the master,
+    /// before any child exists (children get an empty mask from the spawn).
     pub fn install() -> io::Result<Signals> {
-        let (read, write) = UnixStream::pair()?;
-        read.set_nonblocking(true)?;
-        write.set_nonblocking(true)?;
-        let fd = write.as_raw_fd();
-        let mut ids = Vec::new();
+        let mut mask = SigSet::empty();
         for event in Event::ALL {
-            let n = event.number();
-            let action = move || {
-                COUNTS[n as usize].fetch_add(1, Ordering::SeqCst);
-                // A full pipe already guarantees a wake-up, so the result does not matter.
-                // SAFETY: send(2) is async-signal-safe; fd stays open while handlers exist
-                // (the write end lives as long as `Signals`, which unregisters on drop);
-                // the buffer is a valid one-byte array.
-                unsafe {
-                    libc::send(fd, [1u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT);
-                }
-            };
-            // SAFETY: the action only does atomics and send(2), both async-signal-safe, and
-            // signal-hook-registry preserves errno around it.
-            let id = unsafe { signal_hook::low_level::register(n, action) }?;
-            ids.push(id);
+            mask.add(event.signal());
         }
-        Ok(Signals { read, _write: write, ids })
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
+        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Signals { fd })
     }
 
-    /// Empties the self-pipe and returns each signal that arrived with its count, in the
-    /// order of [`Event::ALL`] (CHLD first, so exits are known before anything else).
+    /// Reads every pending signal and returns each with its count, in the order of
+    /// [`Event::ALL`] (CHLD first, so exits are known before anything else).
     pub fn drain(&mut self) -> Vec<(Event, u32)> {
-        let mut buf = [0u8; 256];
-        while matches!(self.read.read(&mut buf), Ok(n) if n > 0) {}
-        Event::ALL
-            .iter()
-            .filter_map(|&e| {
-                let n = COUNTS[e.number() as usize].swap(0, Ordering::SeqCst);
-                (n > 0).then_some((e, n))
-            })
-            .collect()
+        let mut counts = [0u32; Event::ALL.len()];
+        loop {
+            match self.fd.read_signal() {
+                Ok(Some(info)) => {
+                    let signo = info.ssi_signo as i32;
+                    if let Some(i) = Event::ALL.iter().position(|e| e.number() == signo) {
+                        counts[i] = counts[i].saturating_add(1);
+                    }
+                }
+                Ok(None) | Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!("reading the signalfd: {e}");
+                    break;
+                }
+            }
+        }
+        Event::ALL.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(&e, n)| (e, n)).collect()
     }
-}
 
-impl Signals {
-    /// Both ends of the self-pipe (a forked worker closes them).
-    pub fn raw_fds(&self) -> [std::os::fd::RawFd; 2] {
-        [self.read.as_raw_fd(), self._write.as_raw_fd()]
+    /// The `signalfd` (a forked worker closes it).
+    pub fn raw_fds(&self) -> [RawFd; 1] {
+        [self.fd.as_raw_fd()]
     }
 }
 
 impl AsFd for Signals {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.read.as_fd()
-    }
-}
-
-impl Drop for Signals {
-    fn drop(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
+        self.fd.as_fd()
     }
 }

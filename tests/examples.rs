@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{alive, wait_until, Dir, Presup, DEADLINE};
+use common::{accept_queue, alive, wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
 /// Copies `examples/<name>` (its files, not its `run/`) into the test's dir, with the helper
@@ -163,19 +163,6 @@ fn wait_spawned(presup: &Presup, generation: u64, n: usize) -> Vec<Spawned> {
             spawned(presup).into_iter().filter(|s| s.generation == generation).collect();
         (s.len() >= n).then_some(s)
     })
-}
-
-/// The number of connections waiting to be accepted on the IPv4 listener on `port`: for a
-/// listening socket, the `rx_queue` of `/proc/net/tcp`.
-fn accept_queue(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let local = format!(":{port:04X}");
-    let listener = table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f[1].ends_with(&local) && f[3] == "0A").then(|| f[4].to_owned()) // 0A: LISTEN
-    });
-    let queues = listener.unwrap_or_else(|| panic!("no listener on port {port}:\n{table}"));
-    usize::from_str_radix(queues.split(':').nth(1).unwrap(), 16).unwrap()
 }
 
 /// Checks that every worker of `pids`, and no other process, serves on `port`, whatever the
@@ -589,10 +576,12 @@ fn gunicorn_serves_from_presup_workers_reloads_and_leaves_nothing() {
     let arbiters = wait_spawned(&presup, 1, 2);
     let gunicorn_workers: Vec<i32> = arbiters
         .iter()
-        .flat_map(|a| wait_until("2 gunicorn workers", DEADLINE, || {
-            let c = children_of(a.pid);
-            (c.len() == 2).then_some(c)
-        }))
+        .flat_map(|a| {
+            wait_until("2 gunicorn workers", DEADLINE, || {
+                let c = children_of(a.pid);
+                (c.len() == 2).then_some(c)
+            })
+        })
         .collect();
     wait_all_answer(port, &gunicorn_workers);
     let body = common::http_get(port).unwrap();

@@ -220,3 +220,35 @@ fn a_worker_that_returns_runs_none_of_the_masters_destructors() {
     assert_eq!(dir.lines("preloads").len(), 1);
     record_workers(&dir, &presup);
 }
+
+#[test]
+fn a_worker_catching_term_with_a_signal_library_finishes_its_request_and_exits_0() {
+    // The master never installs a signal handler (it reads a signalfd), so a library in the
+    // forked worker finds the registry of a fresh process and really installs TERM's handler.
+    let dir = Dir::new();
+    let mut presup = start(&dir, &config(1, ""), &["--drain-on-term"]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    let worker = pid_of(&get(port, "/"));
+    wait_until("the worker to catch TERM", DEADLINE, || {
+        let status = std::fs::read_to_string(format!("/proc/{worker}/status")).ok()?;
+        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?.trim().to_owned();
+        let mask = u64::from_str_radix(&caught, 16).ok()?;
+        (mask & (1 << (libc::SIGTERM - 1)) != 0).then_some(())
+    });
+    use std::io::{Read, Write};
+    let mut request = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    request.set_read_timeout(Some(DEADLINE)).unwrap();
+    request.write_all(b"GET /sleep/1500 HTTP/1.0\r\n\r\n").unwrap();
+    // In the worker's hands (it answers after 1.5 s) once nothing waits in the backlog.
+    wait_until("the worker to take the request", DEADLINE, || {
+        (common::accept_queue(port) == 0).then_some(())
+    });
+    presup.signal(Signal::SIGTERM);
+    let mut answer = String::new();
+    request.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200") && answer.contains("slept 1500 ms"), "{answer}");
+    assert_eq!(presup.wait_exit(), Some(0));
+    let log = presup.log.text();
+    assert!(log.contains("worker exited with code 0 (stopped: Shutdown)"), "{log}");
+}

@@ -391,3 +391,16 @@ pub fn http_get(port: u16) -> std::io::Result<String> {
         _ => Err(std::io::Error::other(format!("bad response: {out:?}"))),
     }
 }
+
+/// The number of connections waiting to be accepted on the IPv4 listener on `port`: for a
+/// listening socket, the `rx_queue` of `/proc/net/tcp`.
+pub fn accept_queue(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    let listener = table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1].ends_with(&local) && f[3] == "0A").then(|| f[4].to_owned()) // 0A: LISTEN
+    });
+    let queues = listener.unwrap_or_else(|| panic!("no listener on port {port}:\n{table}"));
+    usize::from_str_radix(queues.split(':').nth(1).unwrap(), 16).unwrap()
+}
