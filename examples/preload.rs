@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Routes: `/lookup/N`; `/env/NAME` (the worker's environment); `/exit` (the worker function
-//! returns); `/sleep/MS` (answers after MS milliseconds); `/marker` and `/poke` (which
+//! returns); `/fail` (the worker function returns an error); `/sleep/MS` (answers after MS
+//! milliseconds); `/marker` and `/poke` (which
 //! writes the worker's pid into its own copy of the state: the other workers do not see it). `--per-worker` builds the table in
 //! each worker instead (what the benchmark compares with), `--preload-log FILE` appends a line
 //! each time `preload` runs, and `--leave-thread` leaves a thread running after `preload` (the
@@ -23,14 +24,11 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use clap::Parser;
 use presup::prefork::Context;
 
-#[derive(Debug, Parser)]
-#[command(name = "preload", about = "A prefork HTTP server with a preloaded table")]
-struct Cli {
-    #[command(flatten)]
-    presup: presup::cli::Args,
+/// The program's own options, beside presup's (`-c FILE`, `--log-level`...).
+#[derive(Debug, Clone, clap::Args)]
+struct Options {
     /// The table's size in megabytes.
     #[arg(long, default_value_t = 256)]
     mb: usize,
@@ -52,6 +50,7 @@ struct Cli {
 struct State {
     table: Vec<u64>,
     marker: AtomicU64,
+    options: Options,
 }
 
 fn entry(i: u64) -> u64 {
@@ -64,85 +63,84 @@ fn build(mb: usize) -> Vec<u64> {
 }
 
 fn main() -> ExitCode {
-    // The master runs this program itself as the HTTP server of a ticket with `http`.
-    if let Some(code) = presup::prefork::ticket_server_if_asked() {
-        return code;
+    // For the tests: a thread started before presup (as a #[tokio::main] would start one).
+    if std::env::var_os("PRELOAD_EXAMPLE_EARLY_THREAD").is_some() {
+        std::thread::spawn(|| loop {
+            std::thread::park();
+        });
     }
-    let cli = Cli::parse();
-    let (mb, per_worker, leave_thread) = (cli.mb, cli.per_worker, cli.leave_thread);
-    let drain_on_term = cli.drain_on_term;
-    let log = cli.preload_log.clone();
-    let preload = move || {
-        if let Some(path) = &log {
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-            writeln!(f, "preload {}", std::process::id()).unwrap();
-        }
-        if leave_thread {
-            std::thread::spawn(|| loop {
-                std::thread::park();
-            });
-        }
-        let table = if per_worker { Vec::new() } else { build(mb) };
-        State { table, marker: AtomicU64::new(0) }
-    };
-    let worker = move |state: &State, ctx: Context<'_>| -> i32 {
-        let term = Arc::new(AtomicBool::new(false));
-        if drain_on_term {
-            // A handler of the worker's own: TERM no longer ends it at once.
-            let registered =
-                signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone());
-            if let Err(e) = registered {
-                eprintln!("preload: cannot catch TERM: {e}");
-                return 2;
-            }
-        }
-        let own;
-        let table = if per_worker {
-            own = build(mb);
-            &own
-        } else {
-            &state.table
-        };
-        serve(state, table, &ctx, &term)
-    };
-    presup::prefork::run(&cli.presup, preload, worker)
+    // presup's options and the program's own, from one command line; the master runs this
+    // program itself as the HTTP server of a ticket with `http` (main_with handles that).
+    presup::prefork::main_with(preload, worker)
 }
 
-fn serve(state: &State, table: &[u64], ctx: &Context<'_>, term: &AtomicBool) -> i32 {
-    let Some(name) = ctx.listener_names().next().map(str::to_owned) else {
-        eprintln!("preload: the config has no [[listen]]");
-        return 2;
+/// Once, in the master: what every worker shares.
+fn preload(options: &Options) -> State {
+    if let Some(path) = &options.preload_log {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        writeln!(f, "preload {}", std::process::id()).unwrap();
+    }
+    if options.leave_thread {
+        std::thread::spawn(|| loop {
+            std::thread::park();
+        });
+    }
+    let table = if options.per_worker { Vec::new() } else { build(options.mb) };
+    State { table, marker: AtomicU64::new(0), options: options.clone() }
+}
+
+/// In every worker, forked from the master: serves until the listener fails or `/exit`.
+fn worker(state: &'static State, ctx: Context) -> Result<(), String> {
+    let term = Arc::new(AtomicBool::new(false));
+    if state.options.drain_on_term {
+        // A handler of the worker's own: TERM no longer ends it at once.
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())
+            .map_err(|e| format!("cannot catch TERM: {e}"))?;
+    }
+    let own;
+    let table = if state.options.per_worker {
+        own = build(state.options.mb);
+        &own
+    } else {
+        &state.table
     };
-    let listener = match ctx.tcp_listener(&name) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("preload: listener {name}: {e}");
-            return 2;
-        }
-    };
+    serve(state, table, &ctx, &term)
+}
+
+fn serve(state: &State, table: &[u64], ctx: &Context, term: &AtomicBool) -> Result<(), String> {
+    let name = ctx.listener_names().next().ok_or("the config has no [[listen]]")?;
+    let listener = ctx.tcp_listener(name).map_err(|e| format!("listener {name}: {e}"))?;
     let _ = ctx.ready();
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         // `/exit`: the worker function returns (presup's `_exit` ends the process).
-        if let Ok(true) = answer(state, table, ctx, conn) {
-            return 0;
+        match answer(state, table, ctx, conn) {
+            Ok(Some(Ending::Exit)) => return Ok(()),
+            Ok(Some(Ending::Fail)) => return Err("asked to fail".to_owned()),
+            _ => {}
         }
         // TERM came while this request was served (the next accept would wait for ever).
         if term.load(Ordering::Relaxed) {
             eprintln!("preload: TERM: the request in hand was answered; exiting");
-            return 0;
+            return Ok(());
         }
     }
-    0
+    Ok(())
 }
 
-/// Answers one request; true if it asked the worker to exit.
+/// How a request asks the worker function to end.
+enum Ending {
+    Exit,
+    Fail,
+}
+
+/// Answers one request; whether it asked the worker function to end.
 fn answer(
     state: &State,
     table: &[u64],
-    ctx: &Context<'_>,
+    ctx: &Context,
     conn: TcpStream,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Option<Ending>> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request = String::new();
     reader.read_line(&mut request)?;
@@ -168,6 +166,8 @@ fn answer(
         ("200 OK", format!("pid {pid} slept {ms} ms\n"))
     } else if path == "/exit" {
         ("200 OK", format!("pid {pid} exits\n"))
+    } else if path == "/fail" {
+        ("200 OK", format!("pid {pid} fails\n"))
     } else if path == "/poke" {
         state.marker.store(pid.into(), Ordering::Relaxed);
         ("200 OK", format!("pid {pid} marker {pid}\n"))
@@ -186,5 +186,9 @@ fn answer(
         "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
-    Ok(path == "/exit")
+    Ok(match path {
+        "/exit" => Some(Ending::Exit),
+        "/fail" => Some(Ending::Fail),
+        _ => None,
+    })
 }

@@ -137,6 +137,44 @@ fn a_preload_that_leaves_a_thread_running_ends_in_exit_3() {
 }
 
 #[test]
+fn a_program_already_running_threads_before_preload_ends_in_exit_3_naming_the_cause() {
+    let dir = Dir::new();
+    dir.write("supervisor.toml", &config(2, ""));
+    let log = dir.join("preloads").display().to_string();
+    let args = ["--mb", "8", "--preload-log", &log];
+    let env = [("PRELOAD_EXAMPLE_EARLY_THREAD", "1")];
+    let mut presup = Presup::launch_program(&dir, &example(), &args, &env);
+    assert_eq!(presup.wait_exit(), Some(3));
+    let log = presup.log.text();
+    assert!(log.contains("the program runs 2 threads before preload"), "{log}");
+    assert!(log.contains("#[tokio::main] around presup::prefork::main"), "{log}");
+    assert!(dir.read("preloads").is_empty(), "preload ran");
+}
+
+#[test]
+fn a_worker_returning_an_error_prints_it_and_exits_1_and_boot_failures_name_the_program() {
+    let dir = Dir::new();
+    let presup = start(&dir, &config(1, ""), &[]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    let pid = pid_of(&get(port, "/fail"));
+    let line = presup.log.wait_for("worker exited with code 1");
+    assert!(line.contains(&format!("pid={pid} ")), "{line}");
+    presup.log.wait_for(&format!("preload: worker {pid}: asked to fail"));
+    record_workers(&dir, &presup);
+    drop(presup);
+
+    // No [[listen]]: every worker fails at once; the message names the program.
+    let dir = Dir::new();
+    let toml = "[workers]\ncount = 1\nready = \"notify\"\nboot_attempts = 2\n";
+    let mut presup = start(&dir, toml, &[]);
+    assert_eq!(presup.wait_exit(), Some(3));
+    let log = presup.log.text();
+    assert!(log.contains("worker command `preload` failed to boot twice in a row"), "{log}");
+    assert!(log.contains("the config has no [[listen]]"), "{log}");
+}
+
+#[test]
 fn term_hup_and_hooks_behave_as_in_exec_mode() {
     let dir = Dir::new();
     dir.script("hook.sh", "echo \"$PRESUP_HOOK\" >> hooks");

@@ -2,7 +2,7 @@
 //! given (DESIGN.md §6), and looking at the children from outside: readiness probes and the
 //! list of the master's live children.
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use nix::unistd::Pid;
@@ -105,7 +105,7 @@ impl Children {
                 std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
             }
             let listeners =
-                names.iter().cloned().zip(listeners.iter().map(|l| l.as_fd())).collect();
+                names.iter().cloned().zip(listeners.iter().map(|l| l.as_raw_fd())).collect();
             worker(Context { slot: at.slot, count: at.count, generation: at.generation, listeners })
         })
     }

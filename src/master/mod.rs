@@ -58,6 +58,8 @@ pub enum MasterError {
     Setup(String),
     #[error("preload left {0} threads running; the master refuses to fork: fork() copies only the calling thread, so a lock another thread holds stays locked forever in the workers. Join the threads before preload returns, or start them in the worker function")]
     Threads(usize),
+    #[error("the program runs {0} threads before preload; the master refuses to fork: fork() copies only the calling thread, so a lock another thread holds stays locked forever in the workers. The usual cause is an async runtime started before presup: a #[tokio::main] around presup::prefork::main, or a runtime built at startup. Call presup::prefork::main from a plain fn main, and build the runtime in the worker function")]
+    ThreadsBeforePreload(usize),
     #[error("the master failed: {0}")]
     Runtime(String),
 }
@@ -152,6 +154,10 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         listeners.push(l);
     }
     if let Some(in_process) = &mut options.in_process {
+        let threads = crate::prefork::thread_count();
+        if threads > 1 {
+            return Err(MasterError::ThreadsBeforePreload(threads));
+        }
         info!("preload");
         let began = Instant::now();
         in_process.preload();
@@ -586,7 +592,11 @@ impl Master {
                     }
                 }
                 pool::Action::BootFailed { slot, attempts, last } => {
-                    let command = self.config.workers.command.join(" ");
+                    let command = match &self.options.in_process {
+                        // A program built on presup::prefork: its workers are itself.
+                        Some(_) => crate::prefork::program_name(),
+                        None => self.config.workers.command.join(" "),
+                    };
                     self.fail(MasterError::Boot { command, slot, attempts, last }, now);
                 }
                 pool::Action::ReloadDone { generation } => {

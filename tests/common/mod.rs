@@ -245,6 +245,11 @@ impl Presup {
         Presup::launch(dir, program, &[], args, &[])
     }
 
+    /// Like [`Presup::start_program`], with extra environment.
+    pub fn launch_program(dir: &Dir, program: &str, args: &[&str], env: &[(&str, &str)]) -> Presup {
+        Presup::launch(dir, program, &[], args, env)
+    }
+
     fn launch(
         dir: &Dir,
         program: &str,
