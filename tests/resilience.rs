@@ -43,3 +43,33 @@ fn a_log_pipe_whose_reader_exited_does_not_stop_the_master() {
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
 }
+
+fn mkfifo(path: &std::path::Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+#[test]
+fn a_config_replaced_by_a_fifo_is_a_rejected_reload_and_term_still_stops_at_once() {
+    let dir = Dir::new();
+    dir.script("worker.sh", "exec sleep 1000");
+    let mut presup = Presup::start(&dir, ONE_WORKER);
+    presup.log.wait_for("worker spawned");
+    let config = dir.join("supervisor.toml");
+    std::fs::remove_file(&config).unwrap();
+    mkfifo(&config);
+    presup.signal(Signal::SIGHUP);
+    let line = presup.log.wait_for("reload rejected");
+    assert!(line.contains("a FIFO; the config must be a regular file"), "{line}");
+    presup.log.wait_for("keeping the running one");
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
+
+#[test]
+fn a_config_that_is_a_fifo_exits_2_at_start() {
+    let dir = Dir::new();
+    mkfifo(&dir.join("supervisor.toml"));
+    let mut presup = Presup::start_with(&dir, &[], &[]);
+    assert_eq!(presup.wait_exit(), Some(2));
+    assert!(presup.log.text().contains("a FIFO; the config must be a regular file"));
+}

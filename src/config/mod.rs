@@ -274,13 +274,54 @@ pub fn load(
         errors: vec![ConfigError { key: String::new(), line: 0, column: 0, message }],
     };
     let abs = std::path::absolute(path).map_err(|e| fail(format!("cannot resolve path: {e}")))?;
-    let text = std::fs::read_to_string(&abs).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let text = read_file(&abs).map_err(fail)?;
     let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
     if nix::unistd::geteuid().is_root() {
         unsafe_for_root(&abs, &dir).map_or(Ok(()), |m| Err(fail(m)))?;
     }
     parse_str(&text, &abs, &dir, web_concurrency, cpus)
         .map_err(|errors| ConfigErrors { path: abs.clone(), errors })
+}
+
+/// The largest config file read: far above any real one, small enough to read at once.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file without ever blocking: it is opened non-blocking (a FIFO or a device
+/// would otherwise block `open` until a writer appears) and must be a regular file of at most
+/// [`MAX_CONFIG_BYTES`] in UTF-8.
+fn read_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    let kind = meta.file_type();
+    let what = match () {
+        _ if kind.is_file() => None,
+        _ if kind.is_dir() => Some("a directory"),
+        _ if kind.is_fifo() => Some("a FIFO"),
+        _ if kind.is_socket() => Some("a socket"),
+        _ if kind.is_char_device() || kind.is_block_device() => Some("a device"),
+        _ => Some("not a regular file"),
+    };
+    if let Some(what) = what {
+        return Err(format!("cannot read: {what}; the config must be a regular file"));
+    }
+    let too_big = || format!("cannot read: larger than the limit of {MAX_CONFIG_BYTES} bytes");
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| format!("cannot read: not UTF-8 ({e})"))
 }
 
 /// Why a config file is not safe for a master running as root, as sshd's `StrictModes`: the

@@ -582,3 +582,25 @@ fn load_reads_a_file_and_names_it_in_errors() {
     let shown = format!("{p}: 1 error\n  {p}: workers.command: line 2, column 11: empty command");
     assert_eq!(err.to_string(), shown);
 }
+
+#[test]
+fn load_refuses_what_is_not_a_regular_file_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // A blocking open would wait here for a writer forever.
+    let message = |p: &Path| load(p, None, 2).unwrap_err().errors[0].message.clone();
+    assert_eq!(message(&fifo), "cannot read: a FIFO; the config must be a regular file");
+    assert_eq!(message(dir.path()), "cannot read: a directory; the config must be a regular file");
+    assert_eq!(
+        message(Path::new("/dev/null")),
+        "cannot read: a device; the config must be a regular file"
+    );
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+    assert_eq!(message(&big), "cannot read: larger than the limit of 1048576 bytes");
+    std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize]).unwrap();
+    assert!(message(&big).contains("missing table [workers]"), "{}", message(&big));
+    std::fs::write(&big, b"# \xff\n").unwrap();
+    assert!(message(&big).starts_with("cannot read: not UTF-8"), "{}", message(&big));
+}
