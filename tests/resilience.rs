@@ -73,3 +73,75 @@ fn a_config_that_is_a_fifo_exits_2_at_start() {
     assert_eq!(presup.wait_exit(), Some(2));
     assert!(presup.log.text().contains("a FIFO; the config must be a regular file"));
 }
+
+/// Lines of the log that contain every one of `needles`.
+fn count_all(presup: &Presup, needles: &[&str]) -> usize {
+    presup.log.lines().iter().filter(|l| needles.iter().all(|n| l.contains(n))).count()
+}
+
+#[test]
+fn a_flood_of_status_updates_is_logged_once_a_second_with_the_rest_counted() {
+    let dir = Dir::new();
+    // 100000 different STATUS= from the worker itself, then (over a second later) a last one.
+    dir.script(
+        "worker.sh",
+        r#"exec python3 -c "
+import os, socket, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(100000):
+    s.sendto(b'STATUS=flood %d' % i, os.environ['NOTIFY_SOCKET'])
+open('flooded', 'w').close()
+time.sleep(1.2)
+s.sendto(b'STATUS=last', os.environ['NOTIFY_SOCKET'])
+time.sleep(1000)
+""#,
+    );
+    let began = std::time::Instant::now();
+    let mut presup = Presup::start(&dir, ONE_WORKER);
+    let worker = wait_until("the worker", DEADLINE, || dir.pids().first().copied());
+    let pid = format!("pid={worker}");
+    let last = presup.log.wait_for("status=last");
+    let took = began.elapsed();
+    assert!(dir.join("flooded").exists());
+    assert!(last.contains("more changes in between not logged"), "{last}");
+    let lines = count_all(&presup, &["INFO status", &pid]);
+    let bytes = presup.log.text().len();
+    eprintln!("100000 STATUS= datagrams in {took:?}: {lines} status lines, {bytes} bytes of log");
+    // One line per second at most, the first at once, and the last.
+    assert!(lines as u64 <= took.as_secs() + 2, "{lines} status lines in {took:?}");
+    assert!(bytes < 20_000, "{bytes} bytes of log");
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
+
+#[test]
+fn notifications_from_a_process_that_is_not_a_child_are_warned_of_once_naming_its_pid() {
+    let dir = Dir::new();
+    // The worker's own child (not the worker) sends READY=1, 1000 times.
+    dir.script(
+        "worker.sh",
+        r#"python3 -c "
+import os, socket
+open('sender', 'w').write(str(os.getpid()))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(1000):
+    s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])
+"
+echo sent > sent
+exec sleep 1000"#,
+    );
+    let toml = ONE_WORKER.replace("min_uptime", "ready = \"notify\"\nmin_uptime");
+    let mut presup = Presup::start(&dir, &toml);
+    wait_until("the sender", DEADLINE, || dir.join("sent").exists().then_some(()));
+    let sender = dir.read("sender");
+    let debug = "notification from a process that is not a child; ignored";
+    presup.log.wait_for_nth(debug, 1000);
+    let warned = "which is not a worker or singleton of this master";
+    assert_eq!(count_all(&presup, &["WARN", warned]), 1, "{}", presup.log.text());
+    let line = presup.log.wait_for(warned);
+    assert!(line.contains(&format!("from pid {sender},")), "{line}");
+    assert!(line.contains("(READY=1)") && line.contains("--pid=$$"), "{line}");
+    assert_eq!(presup.log.count("worker up (READY=1)"), 0);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
