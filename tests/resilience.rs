@@ -145,3 +145,83 @@ exec sleep 1000"#,
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
 }
+
+/// The uid and gid of a system user made for one test, created if missing; `None` (with the
+/// reason printed) when the test cannot make one.
+fn test_user(name: &str) -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to create the unprivileged user {name}");
+        return None;
+    }
+    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
+        let made = Command::new("useradd").args(["--system", "--no-create-home", name]).status();
+        // Another test may have created it meanwhile.
+        if !made.is_ok_and(|s| s.success())
+            && nix::unistd::User::from_name(name).ok().flatten().is_none()
+        {
+            eprintln!("skipped: cannot create the user {name} (useradd failed)");
+            return None;
+        }
+    }
+    let user = nix::unistd::User::from_name(name).ok().flatten()?;
+    Some((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+/// The CPU time (user + system) of `pid` so far.
+fn cpu_time(pid: i32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as u64;
+    std::time::Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[test]
+fn at_the_process_limit_the_whole_pool_backs_off_with_one_line_per_backoff() {
+    // root ignores RLIMIT_NPROC: the master runs as an unprivileged user, limited to 6
+    // processes (the master and 5 workers) of the 20 it wants.
+    let Some((uid, gid)) = test_user("presup-nproc") else { return };
+    let dir = Dir::new();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir.script("worker.sh", "exec sleep 1000");
+    dir.write(
+        "supervisor.toml",
+        r#"graceful_timeout = "2s"
+[workers]
+command = ["./worker.sh"]
+count = 20
+min_uptime = "10ms"
+restart_backoff = { initial = "100ms", max = "30s", reset = "10s" }
+"#,
+    );
+    let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+    let as_user = ["setpriv", &reuid, &regid, "--clear-groups", "prlimit"];
+    let wrapper = [&as_user[..], &["--nproc=6:1000"]].concat();
+    let mut presup = Presup::start_via(&dir, &wrapper, &[], &[]);
+    let master = presup.master_pid();
+    let cpu_before = cpu_time(master);
+    let began = std::time::Instant::now();
+    // The 4th backoff in a row comes 100 + 200 + 400 ms after the first.
+    let waits = "every worker spawn waits";
+    presup.log.wait_for(&format!("{waits} 800ms"));
+    let (took, cpu) = (began.elapsed(), cpu_time(master) - cpu_before);
+    let failures = presup.log.count("cannot start worker");
+    eprintln!("{failures} fork failures logged in {took:?}; the master used {cpu:?} of CPU");
+    assert_eq!(failures, presup.log.count(waits), "one line per backoff:\n{}", presup.log.text());
+    assert!(failures <= 5, "{}", presup.log.text());
+    assert!(cpu < took / 4, "the master used {cpu:?} of CPU in {took:?}");
+    assert!(alive(master), "the master gave up");
+    // Once the limit is lifted (by the same user, up to the hard limit), the pause ends and
+    // every slot is filled.
+    let lifted = Command::new(as_user[0])
+        .args(&as_user[1..])
+        .args(["--pid", &master.to_string(), "--nproc=1000"])
+        .status()
+        .unwrap();
+    assert!(lifted.success());
+    presup.log.wait_for("ready: all workers up");
+    assert_eq!(dir.pids().len(), 20);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}

@@ -283,6 +283,11 @@ pub fn load(
         .map_err(|errors| ConfigErrors { path: abs.clone(), errors })
 }
 
+/// The most workers a config (`count`, `WEB_CONCURRENCY`) or TTIN may ask for: 4 per CPU on a
+/// 256-CPU machine, far under the kernel's default `pid_max` and a service's usual process
+/// limit, while `count = 100000` is a typo that would only meet the process limit.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The largest config file read: far above any real one, small enough to read at once.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 

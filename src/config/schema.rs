@@ -22,7 +22,7 @@ use self::walker::{all, Item, Table, Walker};
 use super::validate::{self, Origins};
 use super::{
     Address, Backoff, Config, ConfigError, Hook, Hooks, Listen, Ready, Restart, Signal, Singleton,
-    Ticket, Workers,
+    Ticket, Workers, MAX_WORKERS,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -175,15 +175,18 @@ fn worker_count(
     let item = t.opt("count");
     let count = match &item {
         None => 1,
-        Some(v) if v.value().as_str() == Some("auto") => cpus.max(1),
-        Some(v) if v.value().is_integer() => v.u32(0..=u32::MAX).map_or(1, |n| n as usize),
+        Some(v) if v.value().as_str() == Some("auto") => cpus.clamp(1, MAX_WORKERS),
+        Some(v) if v.value().is_integer() => {
+            v.u32(0..=MAX_WORKERS as u32).map_or(1, |n| n as usize)
+        }
         Some(v) => v.expected("a positive integer or \"auto\"").unwrap_or(1),
     };
     if let Some(text) = web_concurrency {
         return match text.parse::<usize>() {
-            Ok(n) if n > 0 => n,
+            Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
             _ => {
-                let message = format!("expected a positive integer, found {text:?}");
+                let message =
+                    format!("expected an integer from 1 to {MAX_WORKERS}, found {text:?}");
                 t.w.error_at_key("WEB_CONCURRENCY", message);
                 count
             }

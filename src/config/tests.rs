@@ -273,9 +273,9 @@ fn web_concurrency_overrides_count() {
 
 #[test]
 fn bad_web_concurrency_is_an_error_without_position() {
-    for bad in ["zero", "0", "-1", ""] {
+    for bad in ["zero", "0", "-1", "", "1025", "100000"] {
         let errors = parse_with("[workers]\ncommand = [\"app\"]\n", Some(bad)).unwrap_err();
-        let message = format!("expected a positive integer, found {bad:?}");
+        let message = format!("expected an integer from 1 to 1024, found {bad:?}");
         assert_eq!(errors, vec![error("WEB_CONCURRENCY", 0, 0, &message)]);
     }
 }
@@ -603,4 +603,17 @@ fn load_refuses_what_is_not_a_regular_file_without_blocking() {
     assert!(message(&big).contains("missing table [workers]"), "{}", message(&big));
     std::fs::write(&big, b"# \xff\n").unwrap();
     assert!(message(&big).starts_with("cannot read: not UTF-8"), "{}", message(&big));
+}
+
+#[test]
+fn count_is_bounded_with_line_and_column() {
+    let text = "[workers]\ncommand = [\"app\"]\ncount = 1025\n";
+    let message = "expected an integer from 0 to 1024, found 1025";
+    assert_eq!(only_error(text), error("workers.count", 3, 9, message));
+    let text = "[workers]\ncommand = [\"app\"]\ncount = 1024\n";
+    assert_eq!(parse(text).workers.count, MAX_WORKERS);
+    let text = "[workers]\ncommand = [\"app\"]\ncount = \"auto\"\n";
+    let dir = Path::new(DIR);
+    let huge = parse_str(text, Path::new(FILE), dir, None, 5000).unwrap();
+    assert_eq!(huge.workers.count, MAX_WORKERS, "auto on a machine with more CPUs than the bound");
 }

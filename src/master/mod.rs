@@ -556,6 +556,8 @@ impl Master {
         let busy = !actions.is_empty();
         for action in actions {
             match action {
+                // After a fork failed for want of resources, the rest of the batch waits too.
+                pool::Action::Spawn { .. } if self.pool.forks_paused(now) => {}
                 pool::Action::Spawn { slot, generation } => {
                     self.spawn_worker(slot, generation, now)
                 }
@@ -643,6 +645,13 @@ impl Master {
             Ok(pid) => {
                 info!(slot, pid = pid.as_raw(), generation, "worker spawned");
                 self.pool.spawned(slot, generation, pid, now);
+            }
+            Err(e) if out_of_resources(&e) => {
+                let wait = humantime::format_duration(round_ms(self.pool.fork_failed(now)));
+                warn!(
+                    slot,
+                    generation, "cannot start worker: {e}; every worker spawn waits {wait}"
+                );
             }
             Err(e) => {
                 error!(slot, generation, "cannot start worker: {e}");
@@ -979,6 +988,13 @@ impl Master {
         }
         !left.is_empty()
     }
+}
+
+/// A fork that failed for want of resources (the process limit, memory, fds): it may succeed
+/// a moment later, so the whole pool backs off instead of each slot counting a boot failure.
+fn out_of_resources(e: &crate::spawn::SpawnError) -> bool {
+    let crate::spawn::SpawnError::Fork(io) = e else { return false };
+    matches!(io.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE))
 }
 
 /// Takes the elements matching `pred` out of `v`, keeping the order of both.
