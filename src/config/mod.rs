@@ -24,11 +24,14 @@ pub use schema::parse_str;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// The config file this was read from (absolute).
+    #[serde(serialize_with = "lossy")]
     pub path: PathBuf,
     /// The directory children run in: `directory` if set (a presup addition), else the config
     /// file's directory. Relative paths in the file, `directory` included, are resolved against
     /// the config file's directory (DESIGN §5), never against this.
+    #[serde(serialize_with = "lossy")]
     pub directory: PathBuf,
+    #[serde(serialize_with = "lossy_opt")]
     pub pidfile: Option<PathBuf>,
     #[serde(with = "human")]
     pub graceful_timeout: Duration,
@@ -131,7 +134,7 @@ impl Serialize for Ready {
             Ready::Notify => s.serialize_str("notify"),
             Ready::UnixSocket(p) => {
                 let mut m = s.serialize_map(Some(1))?;
-                m.serialize_entry("unix_socket", p)?;
+                m.serialize_entry("unix_socket", &p.to_string_lossy())?;
                 m.end()
             }
             Ready::Tcp(a) => {
@@ -206,6 +209,7 @@ pub struct Ticket {
     pub daily_period: Duration,
     pub http: Option<std::net::SocketAddr>,
     /// Optional state file that survives a restart of the master (issue 5).
+    #[serde(serialize_with = "lossy_opt")]
     pub path: Option<PathBuf>,
 }
 
@@ -358,6 +362,19 @@ fn unsafe_for_root(file: &Path, dir: &Path) -> Option<String> {
 /// The CPU count `count = "auto"` resolves to.
 pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Prints a path as text, a byte that is not UTF-8 as U+FFFD (`presup check` prints the
+/// config resolved even from a directory whose name is not UTF-8).
+fn lossy<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
+fn lossy_opt<S: serde::Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(path) => lossy(path, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// Prints a umask as it is written (`"0027"`).
