@@ -221,7 +221,7 @@ restart_backoff = { initial = "100ms", max = "30s", reset = "10s" }
         .unwrap();
     assert!(lifted.success());
     presup.log.wait_for("ready: all workers up");
-    assert_eq!(dir.pids().len(), 20);
+    wait_until("20 workers", DEADLINE, || (dir.pids().len() == 20).then_some(()));
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
 }
