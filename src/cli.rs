@@ -35,12 +35,12 @@ pub fn load(args: &Args, in_process: bool) -> Result<config::Config, ExitCode> {
     let config = match config::load_for_this_process(&args.config) {
         Ok(c) => c,
         Err(errors) => {
-            eprintln!("presup: {errors}");
+            logs::report(format_args!("presup: {errors}"));
             return Err(ExitCode::from(2));
         }
     };
     if let Err(e) = master::check_command(&config, in_process) {
-        eprintln!("presup: {}: {e}", config.path.display());
+        logs::report(format_args!("presup: {}: {e}", config.path.display()));
         return Err(ExitCode::from(2));
     }
     Ok(config)
@@ -54,11 +54,12 @@ pub fn check(args: &Args) -> ExitCode {
     };
     match toml::to_string_pretty(&config) {
         Ok(text) => {
-            print!("{text}");
+            // A stdout that cannot be written (`presup check | head -1`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("presup: cannot print the resolved config: {e}");
+            logs::report(format_args!("presup: cannot print the resolved config: {e}"));
             ExitCode::from(1)
         }
     }
@@ -76,13 +77,13 @@ pub fn run(args: &Args, in_process: Option<InProcess>) -> ExitCode {
         Some(path) => match Sink::file(path) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("presup: --log-file {}: {e}", path.display());
+                logs::report(format_args!("presup: --log-file {}: {e}", path.display()));
                 return ExitCode::from(2);
             }
         },
     };
     if let Err(e) = logs::init(&args.log_level, args.log_format, sink.clone()) {
-        eprintln!("presup: {e}");
+        logs::report(format_args!("presup: {e}"));
         return ExitCode::from(2);
     }
     let options = master::Options { config_path: config.path.clone(), log_sink: sink, in_process };
@@ -91,7 +92,7 @@ pub fn run(args: &Args, in_process: Option<InProcess>) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             if args.log_file.is_some() {
-                eprintln!("presup: {e}");
+                logs::report(format_args!("presup: {e}"));
             }
             ExitCode::from(e.exit_code())
         }

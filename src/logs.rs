@@ -1,11 +1,17 @@
 //! The master's log: `tracing` events, one line each, as text or JSON, to stderr or to a
 //! file that USR1 reopens (for logrotate).
+//!
+//! Logging never stops the master: a line that cannot be written (stderr a pipe whose reader
+//! exited, a full disk) is dropped and counted, and the next line that can be written is
+//! preceded by one saying how many were lost. Nothing here panics or prints elsewhere.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -18,7 +24,15 @@ pub enum Format {
 /// Where log lines go; clones share the destination.
 #[derive(Clone)]
 pub struct Sink {
-    target: Arc<Mutex<Target>>,
+    state: Arc<Mutex<State>>,
+}
+
+struct State {
+    target: Target,
+    /// The format of the lines, for the one saying some were lost.
+    format: Format,
+    /// Lines dropped since the last line written.
+    lost: u64,
 }
 
 enum Target {
@@ -28,21 +42,62 @@ enum Target {
 
 impl Sink {
     pub fn stderr() -> Sink {
-        Sink { target: Arc::new(Mutex::new(Target::Stderr)) }
+        Sink::new(Target::Stderr)
     }
 
     pub fn file(path: &Path) -> io::Result<Sink> {
         let file = open_append(path)?;
-        Ok(Sink { target: Arc::new(Mutex::new(Target::File { path: path.to_path_buf(), file })) })
+        Ok(Sink::new(Target::File { path: path.to_path_buf(), file }))
     }
 
-    /// Reopens the log file (after rotation); a no-op for stderr.
+    fn new(target: Target) -> Sink {
+        let state = State { target, format: Format::Text, lost: 0 };
+        Sink { state: Arc::new(Mutex::new(state)) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reopens the log file (after rotation); a no-op for stderr. Lines lost before are
+    /// reported by the next line written.
     pub fn reopen(&self) -> io::Result<()> {
-        let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
-        if let Target::File { path, file } = &mut *target {
+        let mut state = self.lock();
+        if let Target::File { path, file } = &mut state.target {
             *file = open_append(path)?;
         }
         Ok(())
+    }
+
+    /// Lines dropped since the last one written.
+    pub fn lost(&self) -> u64 {
+        self.lock().lost
+    }
+}
+
+impl State {
+    /// Writes one whole line; on failure it is counted as lost, never an error.
+    fn write_line(&mut self, line: &[u8]) {
+        if self.lost > 0 {
+            let notice = lost_notice(self.format, self.lost, &timestamp());
+            if self.target.write_all(notice.as_bytes()).is_err() {
+                self.lost += 1;
+                return;
+            }
+            self.lost = 0;
+        }
+        if self.target.write_all(line).is_err() {
+            self.lost += 1;
+        }
+    }
+}
+
+impl Target {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Target::Stderr => io::stderr().lock().write_all(buf),
+            Target::File { file, .. } => file.write_all(buf),
+        }
     }
 }
 
@@ -50,18 +105,37 @@ fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// One log line being written.
+fn timestamp() -> String {
+    let mut s = String::new();
+    let _ = SystemTime.format_time(&mut Writer::new(&mut s));
+    s
+}
+
+/// The line that says `n` lines were lost, in `format`, as the subscriber would write it.
+fn lost_notice(format: Format, n: u64, timestamp: &str) -> String {
+    let message = match n {
+        1 => "1 log line could not be written and was lost".to_owned(),
+        n => format!("{n} log lines could not be written and were lost"),
+    };
+    match format {
+        Format::Text => format!("{timestamp}  WARN {message}\n"),
+        Format::Json => format!(
+            "{{\"timestamp\":\"{timestamp}\",\"level\":\"WARN\",\"message\":\"{message}\"}}\n"
+        ),
+    }
+}
+
+/// One log line being written: the subscriber formats a whole line, then writes it at once.
 pub struct Line {
     sink: Sink,
 }
 
 impl Write for Line {
+    /// Always succeeds: a failed write is counted by the sink, so that the subscriber never
+    /// reports it (its fallback `eprintln!` would panic on the same broken stderr).
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut target = self.sink.target.lock().unwrap_or_else(|e| e.into_inner());
-        match &mut *target {
-            Target::Stderr => io::stderr().write(buf),
-            Target::File { file, .. } => file.write(buf),
-        }
+        self.sink.lock().write_line(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -80,14 +154,64 @@ impl<'a> MakeWriter<'a> for Sink {
 /// `presup=debug`...).
 pub fn init(level: &str, format: Format, sink: Sink) -> Result<(), String> {
     let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level}: {e}"))?;
+    sink.lock().format = format;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(sink)
         .with_target(false)
-        .with_ansi(false);
+        .with_ansi(false)
+        .log_internal_errors(false);
     let result = match format {
         Format::Text => builder.try_init(),
         Format::Json => builder.json().flatten_event(true).try_init(),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Prints `message` to stderr for a user (errors before the log starts, or after it ends);
+/// a stderr that cannot be written is ignored, as `eprintln!` would panic.
+pub fn report(message: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr().lock(), "{message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lost_notice_matches_each_format() {
+        let ts = "2025-01-01T00:00:00.000000Z";
+        assert_eq!(
+            lost_notice(Format::Text, 3, ts),
+            "2025-01-01T00:00:00.000000Z  WARN 3 log lines could not be written and were lost\n"
+        );
+        assert_eq!(
+            lost_notice(Format::Json, 1, ts),
+            "{\"timestamp\":\"2025-01-01T00:00:00.000000Z\",\"level\":\"WARN\",\"message\":\
+             \"1 log line could not be written and was lost\"}\n"
+        );
+    }
+
+    #[test]
+    fn failed_lines_are_counted_then_reported_by_the_next_written_one() {
+        // /dev/full fails every write with ENOSPC.
+        let sink = Sink::file(Path::new("/dev/full")).unwrap();
+        let mut line = sink.make_writer();
+        assert_eq!(line.write(b"one\n").unwrap(), 4);
+        line.write_all(b"two\n").unwrap();
+        assert_eq!(sink.lost(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        if let Target::File { path, .. } = &mut sink.lock().target {
+            *path = log.clone();
+        }
+        sink.reopen().unwrap();
+        sink.make_writer().write_all(b"three\n").unwrap();
+        assert_eq!(sink.lost(), 0);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].ends_with("WARN 2 log lines could not be written and were lost"));
+        assert_eq!(lines[1], "three");
+    }
 }

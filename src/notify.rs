@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
 use nix::unistd::Pid;
 
+/// The most datagrams one [`NotifySocket::drain`] takes, so that a flood cannot hold the
+/// master in it while signals and deadlines wait.
+pub const DRAIN_MAX: usize = 1024;
+
 /// One thing a child said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -77,11 +81,12 @@ impl NotifySocket {
         &self.dir
     }
 
-    /// Takes every datagram waiting, with its sender's pid; never blocks.
+    /// Takes the datagrams waiting (at most [`DRAIN_MAX`]; poll wakes the master again for
+    /// the rest), with their sender's pid; never blocks.
     pub fn drain(&self) -> Vec<(Pid, Vec<Message>)> {
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
-        loop {
+        for _ in 0..DRAIN_MAX {
             let mut iov = [IoSliceMut::new(&mut buf)];
             let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
             let msg = match recvmsg::<UnixAddr>(

@@ -24,11 +24,14 @@ pub use schema::parse_str;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// The config file this was read from (absolute).
+    #[serde(serialize_with = "lossy")]
     pub path: PathBuf,
     /// The directory children run in: `directory` if set (a presup addition), else the config
     /// file's directory. Relative paths in the file, `directory` included, are resolved against
     /// the config file's directory (DESIGN §5), never against this.
+    #[serde(serialize_with = "lossy")]
     pub directory: PathBuf,
+    #[serde(serialize_with = "lossy_opt")]
     pub pidfile: Option<PathBuf>,
     #[serde(with = "human")]
     pub graceful_timeout: Duration,
@@ -131,7 +134,7 @@ impl Serialize for Ready {
             Ready::Notify => s.serialize_str("notify"),
             Ready::UnixSocket(p) => {
                 let mut m = s.serialize_map(Some(1))?;
-                m.serialize_entry("unix_socket", p)?;
+                m.serialize_entry("unix_socket", &p.to_string_lossy())?;
                 m.end()
             }
             Ready::Tcp(a) => {
@@ -206,6 +209,7 @@ pub struct Ticket {
     pub daily_period: Duration,
     pub http: Option<std::net::SocketAddr>,
     /// Optional state file that survives a restart of the master (issue 5).
+    #[serde(serialize_with = "lossy_opt")]
     pub path: Option<PathBuf>,
 }
 
@@ -274,13 +278,59 @@ pub fn load(
         errors: vec![ConfigError { key: String::new(), line: 0, column: 0, message }],
     };
     let abs = std::path::absolute(path).map_err(|e| fail(format!("cannot resolve path: {e}")))?;
-    let text = std::fs::read_to_string(&abs).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let text = read_file(&abs).map_err(fail)?;
     let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
     if nix::unistd::geteuid().is_root() {
         unsafe_for_root(&abs, &dir).map_or(Ok(()), |m| Err(fail(m)))?;
     }
     parse_str(&text, &abs, &dir, web_concurrency, cpus)
         .map_err(|errors| ConfigErrors { path: abs.clone(), errors })
+}
+
+/// The most workers a config (`count`, `WEB_CONCURRENCY`) or TTIN may ask for: 4 per CPU on a
+/// 256-CPU machine, far under the kernel's default `pid_max` and a service's usual process
+/// limit, while `count = 100000` is a typo that would only meet the process limit.
+pub const MAX_WORKERS: usize = 1024;
+
+/// The largest config file read: far above any real one, small enough to read at once.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file without ever blocking: it is opened non-blocking (a FIFO or a device
+/// would otherwise block `open` until a writer appears) and must be a regular file of at most
+/// [`MAX_CONFIG_BYTES`] in UTF-8.
+fn read_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    let kind = meta.file_type();
+    let what = match () {
+        _ if kind.is_file() => None,
+        _ if kind.is_dir() => Some("a directory"),
+        _ if kind.is_fifo() => Some("a FIFO"),
+        _ if kind.is_socket() => Some("a socket"),
+        _ if kind.is_char_device() || kind.is_block_device() => Some("a device"),
+        _ => Some("not a regular file"),
+    };
+    if let Some(what) = what {
+        return Err(format!("cannot read: {what}; the config must be a regular file"));
+    }
+    let too_big = || format!("cannot read: larger than the limit of {MAX_CONFIG_BYTES} bytes");
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| format!("cannot read: not UTF-8 ({e})"))
 }
 
 /// Why a config file is not safe for a master running as root, as sshd's `StrictModes`: the
@@ -312,6 +362,19 @@ fn unsafe_for_root(file: &Path, dir: &Path) -> Option<String> {
 /// The CPU count `count = "auto"` resolves to.
 pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Prints a path as text, a byte that is not UTF-8 as U+FFFD (`presup check` prints the
+/// config resolved even from a directory whose name is not UTF-8).
+fn lossy<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
+fn lossy_opt<S: serde::Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(path) => lossy(path, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// Prints a umask as it is written (`"0027"`).

@@ -22,7 +22,7 @@ use self::walker::{all, Item, Table, Walker};
 use super::validate::{self, Origins};
 use super::{
     Address, Backoff, Config, ConfigError, Hook, Hooks, Listen, Ready, Restart, Signal, Singleton,
-    Ticket, Workers,
+    Ticket, Workers, MAX_WORKERS,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -101,6 +101,9 @@ fn read_config(
     let singleton = t.tables("singleton", keys::SINGLETON, read_singleton);
     let has_singletons = t.map.get("singleton").and_then(|v| v.get_ref().as_array());
     let has_singletons = has_singletons.is_some_and(|a| !a.is_empty());
+    let tickets = read_tickets(t);
+    // A ticket's HTTP server is a singleton the master runs: a child, as a [[singleton]] is.
+    let other_children = has_singletons || tickets.values().any(|t| t.http.is_some());
     let hooks = t.get("hooks", |v| v.table(keys::HOOK_POINTS));
     let origins = Origins {
         listen: listen.iter().map(|(at, _)| at.clone()).collect(),
@@ -115,10 +118,10 @@ fn read_config(
         group: t.get("group", Item::string),
         umask: t.get("umask", Item::umask),
         listen: listen.into_iter().map(|(_, l)| l).collect(),
-        workers: read_workers(t, web_concurrency, cpus, has_singletons),
+        workers: read_workers(t, web_concurrency, cpus, other_children),
         hooks: hooks.map_or_else(Hooks::default, |h| read_hooks(&h)),
         singleton: singleton.into_iter().map(|(_, s)| s).collect(),
-        tickets: read_tickets(t),
+        tickets,
     };
     (config, origins)
 }
@@ -130,22 +133,24 @@ fn read_listen(t: &Table) -> Option<Listen> {
     Some(Listen { name: name?, address: address?, backlog })
 }
 
-/// `[workers]`; when it is left out (allowed with a singleton), no command and no workers.
+/// `[workers]`; when it is left out (allowed with other children: a singleton, or a ticket's
+/// HTTP server), no command and no workers. A config with nothing at all to run is refused.
 fn read_workers(
     top: &Table,
     web_concurrency: Option<&str>,
     cpus: usize,
-    has_singletons: bool,
+    other_children: bool,
 ) -> Workers {
     let item = top.opt("workers");
-    if item.is_none() && !has_singletons {
-        let message = "missing table [workers] (it may be left out only with a [[singleton]])";
+    if item.is_none() && !other_children {
+        let message = "missing table [workers] (it may be left out only with a [[singleton]] \
+                       or a ticket with `http`)";
         top.w.error("workers", top.span.clone(), message.to_owned());
     }
     let empty = DeTable::new();
     let (t, count) = match item.and_then(|v| v.table(keys::WORKERS)) {
         Some(t) => {
-            let count = worker_count(&t, web_concurrency, cpus, has_singletons);
+            let count = worker_count(&t, web_concurrency, cpus, other_children);
             (t, count)
         }
         None => (Table { path: "workers".to_owned(), map: &empty, ..top.clone() }, 0),
@@ -170,27 +175,31 @@ fn worker_count(
     t: &Table,
     web_concurrency: Option<&str>,
     cpus: usize,
-    has_singletons: bool,
+    other_children: bool,
 ) -> usize {
     let item = t.opt("count");
     let count = match &item {
         None => 1,
-        Some(v) if v.value().as_str() == Some("auto") => cpus.max(1),
-        Some(v) if v.value().is_integer() => v.u32(0..=u32::MAX).map_or(1, |n| n as usize),
+        Some(v) if v.value().as_str() == Some("auto") => cpus.clamp(1, MAX_WORKERS),
+        Some(v) if v.value().is_integer() => {
+            v.u32(0..=MAX_WORKERS as u32).map_or(1, |n| n as usize)
+        }
         Some(v) => v.expected("a positive integer or \"auto\"").unwrap_or(1),
     };
     if let Some(text) = web_concurrency {
         return match text.parse::<usize>() {
-            Ok(n) if n > 0 => n,
+            Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
             _ => {
-                let message = format!("expected a positive integer, found {text:?}");
+                let message =
+                    format!("expected an integer from 1 to {MAX_WORKERS}, found {text:?}");
                 t.w.error_at_key("WEB_CONCURRENCY", message);
                 count
             }
         };
     }
-    if let (0, Some(v), false) = (count, &item, has_singletons) {
-        v.error("count 0 with no singleton leaves nothing to run".to_owned());
+    if let (0, Some(v), false) = (count, &item, other_children) {
+        let message = "count 0 with no singleton nor ticket with `http` leaves nothing to run";
+        v.error(message.to_owned());
     }
     count
 }
@@ -314,7 +323,7 @@ impl Item<'_> {
         let t = self.map()?;
         let pairs = t.entries().map(|(key, v)| {
             let name: &str = key.get_ref();
-            if name.is_empty() || name.contains('=') {
+            if name.is_empty() || name.contains(['=', '\0']) {
                 let message = format!("invalid environment variable name {name:?}");
                 self.w.error(&v.path, key.span(), message);
                 return None;

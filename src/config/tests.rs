@@ -273,9 +273,9 @@ fn web_concurrency_overrides_count() {
 
 #[test]
 fn bad_web_concurrency_is_an_error_without_position() {
-    for bad in ["zero", "0", "-1", ""] {
+    for bad in ["zero", "0", "-1", "", "1025", "100000"] {
         let errors = parse_with("[workers]\ncommand = [\"app\"]\n", Some(bad)).unwrap_err();
-        let message = format!("expected a positive integer, found {bad:?}");
+        let message = format!("expected an integer from 1 to 1024, found {bad:?}");
         assert_eq!(errors, vec![error("WEB_CONCURRENCY", 0, 0, &message)]);
     }
 }
@@ -507,7 +507,7 @@ address = "127.0.0.1:2"
 #[test]
 fn count_zero_needs_a_singleton() {
     let e = only_error("[workers]\ncommand = [\"a\"]\ncount = 0\n");
-    let message = "count 0 with no singleton leaves nothing to run";
+    let message = "count 0 with no singleton nor ticket with `http` leaves nothing to run";
     assert_eq!(e, error("workers.count", 3, 9, message));
     let text =
         "[workers]\ncommand = [\"a\"]\ncount = 0\n[[singleton]]\nname = \"s\"\ncommand = [\"s\"]\n";
@@ -521,7 +521,8 @@ fn workers_may_be_left_out_only_with_a_singleton() {
     assert_eq!(c.workers.boot_attempts, 5);
 
     let e = only_error("pidfile = \"p\"\n");
-    let message = "missing table [workers] (it may be left out only with a [[singleton]])";
+    let message =
+        "missing table [workers] (it may be left out only with a [[singleton]] or a ticket with `http`)";
     assert_eq!(e, error("workers", 1, 1, message));
 }
 
@@ -581,4 +582,80 @@ fn load_reads_a_file_and_names_it_in_errors() {
     let p = path.display();
     let shown = format!("{p}: 1 error\n  {p}: workers.command: line 2, column 11: empty command");
     assert_eq!(err.to_string(), shown);
+}
+
+#[test]
+fn load_refuses_what_is_not_a_regular_file_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // A blocking open would wait here for a writer forever.
+    let message = |p: &Path| load(p, None, 2).unwrap_err().errors[0].message.clone();
+    assert_eq!(message(&fifo), "cannot read: a FIFO; the config must be a regular file");
+    assert_eq!(message(dir.path()), "cannot read: a directory; the config must be a regular file");
+    assert_eq!(
+        message(Path::new("/dev/null")),
+        "cannot read: a device; the config must be a regular file"
+    );
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+    assert_eq!(message(&big), "cannot read: larger than the limit of 1048576 bytes");
+    std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize]).unwrap();
+    assert!(message(&big).contains("missing table [workers]"), "{}", message(&big));
+    std::fs::write(&big, b"# \xff\n").unwrap();
+    assert!(message(&big).starts_with("cannot read: not UTF-8"), "{}", message(&big));
+}
+
+#[test]
+fn count_is_bounded_with_line_and_column() {
+    let text = "[workers]\ncommand = [\"app\"]\ncount = 1025\n";
+    let message = "expected an integer from 0 to 1024, found 1025";
+    assert_eq!(only_error(text), error("workers.count", 3, 9, message));
+    let text = "[workers]\ncommand = [\"app\"]\ncount = 1024\n";
+    assert_eq!(parse(text).workers.count, MAX_WORKERS);
+    let text = "[workers]\ncommand = [\"app\"]\ncount = \"auto\"\n";
+    let dir = Path::new(DIR);
+    let huge = parse_str(text, Path::new(FILE), dir, None, 5000).unwrap();
+    assert_eq!(huge.workers.count, MAX_WORKERS, "auto on a machine with more CPUs than the bound");
+}
+
+#[test]
+fn a_nul_byte_in_an_argument_or_the_environment_is_an_error_at_its_place() {
+    let text = r#"[workers]
+command = ["app", "a\u0000b"]
+env = { "K\u0000" = "v", GOOD = "x\u0000" }
+[[hooks.on_starting]]
+command = ["hook\u0000"]
+[[singleton]]
+name = "s"
+command = ["s", "\u0000"]
+"#;
+    let got: Vec<(String, usize, usize)> =
+        errors(text).into_iter().map(|e| (e.key, e.line, e.column)).collect();
+    let want = [
+        ("workers.command[1]", 2, 19),
+        ("workers.env.K\0", 3, 9),
+        ("workers.env.GOOD", 3, 33),
+        ("hooks.on_starting[0].command[0]", 5, 12),
+        ("singleton[0].command[1]", 8, 17),
+    ];
+    let want: Vec<(String, usize, usize)> =
+        want.iter().map(|(k, l, c)| (k.to_string(), *l, *c)).collect();
+    assert_eq!(got, want);
+    let e = &errors(text)[0];
+    assert_eq!(
+        e.message,
+        "\"a\\0b\" holds a NUL byte, which no argument, environment variable or path may hold"
+    );
+}
+
+#[test]
+fn a_ticket_with_http_is_enough_to_run_but_a_ticket_alone_is_not() {
+    let c = parse("[tickets.gateway]\ninterval = \"5s\"\nhttp = \"127.0.0.1:0\"\n");
+    assert_eq!((c.workers.count, c.singleton.len(), c.tickets.len()), (0, 0, 1));
+    let c = parse("[workers]\ncount = 0\n[tickets.g]\ninterval = \"5s\"\nhttp = \"127.0.0.1:0\"\n");
+    assert_eq!(c.workers.count, 0);
+    let message =
+        "missing table [workers] (it may be left out only with a [[singleton]] or a ticket with `http`)";
+    assert_eq!(only_error("[tickets.g]\ninterval = \"5s\"\n"), error("workers", 1, 1, message));
 }

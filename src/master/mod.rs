@@ -12,6 +12,7 @@
 
 mod children;
 pub mod hooks;
+mod log_limit;
 pub mod pool;
 pub mod singletons;
 
@@ -38,6 +39,7 @@ use crate::spawn::Credentials;
 use crate::systemd;
 use crate::ticket::Tickets;
 use hooks::{HookRun, Outcome, Point};
+use log_limit::{LogLimit, StatusLog};
 use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
 use singletons::Singletons;
 
@@ -207,6 +209,7 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
             credentials,
         },
         statuses: BTreeMap::new(),
+        rejected_notifications: LogLimit::new(log_limit::REJECTED_EVERY),
         config,
         options,
         listeners,
@@ -253,8 +256,10 @@ struct Master {
     notify: NotifySocket,
     /// The tickets' files, mapped ([`crate::ticket`]).
     tickets: Tickets,
-    /// The last `STATUS=` each child sent.
-    statuses: BTreeMap<Pid, String>,
+    /// The last `STATUS=` each child sent, and what of it was logged.
+    statuses: BTreeMap<Pid, StatusLog>,
+    /// How often a notification from a process that is not a child is logged.
+    rejected_notifications: LogLimit,
     pidfile: Option<Pidfile>,
     /// Why the master is stopping, when it is a failure: its exit code once all is stopped.
     failure: Option<MasterError>,
@@ -557,6 +562,8 @@ impl Master {
         let busy = !actions.is_empty();
         for action in actions {
             match action {
+                // After a fork failed for want of resources, the rest of the batch waits too.
+                pool::Action::Spawn { .. } if self.pool.forks_paused(now) => {}
                 pool::Action::Spawn { slot, generation } => {
                     self.spawn_worker(slot, generation, now)
                 }
@@ -649,6 +656,13 @@ impl Master {
                 info!(slot, pid = pid.as_raw(), generation, "worker spawned");
                 self.pool.spawned(slot, generation, pid, now);
             }
+            Err(e) if out_of_resources(&e) => {
+                let wait = humantime::format_duration(round_ms(self.pool.fork_failed(now)));
+                warn!(
+                    slot,
+                    generation, "cannot start worker: {e}; every worker spawn waits {wait}"
+                );
+            }
             Err(e) => {
                 error!(slot, generation, "cannot start worker: {e}");
                 self.pool.spawn_failed(slot, e.to_string(), now);
@@ -694,11 +708,11 @@ impl Master {
     fn on_notify(&mut self, pid: Pid, messages: Vec<Message>) {
         let slot = self.pool.workers().find(|(p, _)| *p == pid).map(|(_, w)| w.slot);
         let singleton = self.singletons.index_of(pid);
+        let now = Instant::now();
         if slot.is_none() && singleton.is_none() {
-            debug!(pid = pid.as_raw(), "notification from a process that is not a child; ignored");
+            self.rejected_notification(pid, &messages, now);
             return;
         }
-        let now = Instant::now();
         for m in messages {
             match m {
                 Message::Ready if slot.is_some() => {
@@ -710,8 +724,17 @@ impl Master {
                     self.singletons.notified_ready(pid, now);
                 }
                 Message::Status(status) => {
-                    info!(slot, pid = pid.as_raw(), %status, "status");
-                    self.statuses.insert(pid, status);
+                    let log = self.statuses.entry(pid).or_default();
+                    match log.update(&status, now) {
+                        Some(0) => info!(slot, pid = pid.as_raw(), %status, "status"),
+                        Some(n) => info!(
+                            slot,
+                            pid = pid.as_raw(),
+                            %status,
+                            "status ({n} more changes in between not logged)"
+                        ),
+                        None => {}
+                    }
                 }
                 Message::Watchdog => self.pool.watchdog_ping(pid, now),
                 Message::Stopping => {
@@ -725,6 +748,35 @@ impl Master {
                 }
             }
         }
+    }
+
+    /// A datagram from a process that is neither a worker nor a singleton: ignored, and said
+    /// at WARN (at most one line per [`log_limit::REJECTED_EVERY`]), since it is most often a
+    /// child's own child (`systemd-notify` without `--pid`) and its worker never becomes ready.
+    fn rejected_notification(&mut self, pid: Pid, messages: &[Message], now: Instant) {
+        // Every one at debug level (which tests use as a barrier); WARN is rate-limited.
+        debug!(pid = pid.as_raw(), "notification from a process that is not a child; ignored");
+        let Some(held_back) = self.rejected_notifications.admit(now) else { return };
+        let said: Vec<&str> = messages
+            .iter()
+            .map(|m| match m {
+                Message::Ready => "READY=1",
+                Message::Watchdog => "WATCHDOG=1",
+                Message::Stopping => "STOPPING=1",
+                Message::Status(_) => "STATUS=",
+            })
+            .collect();
+        let said = if said.is_empty() { "nothing presup reads".to_owned() } else { said.join(" ") };
+        let more = match held_back {
+            0 => String::new(),
+            n => format!(" ({n} more since the last such line not logged)"),
+        };
+        warn!(
+            pid = pid.as_raw(),
+            "notification ({said}) from pid {pid}, which is not a worker or singleton of this \
+             master; ignored: a child's own process cannot speak for it (with systemd-notify, \
+             pass --pid=$$ as root, or send from the child itself){more}"
+        );
     }
 
     /// The one place that calls `waitpid`: reaps every child that has ended.
@@ -946,6 +998,13 @@ impl Master {
         }
         !left.is_empty()
     }
+}
+
+/// A fork that failed for want of resources (the process limit, memory, fds): it may succeed
+/// a moment later, so the whole pool backs off instead of each slot counting a boot failure.
+fn out_of_resources(e: &crate::spawn::SpawnError) -> bool {
+    let crate::spawn::SpawnError::Fork(io) = e else { return false };
+    matches!(io.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE))
 }
 
 /// Takes the elements matching `pred` out of `v`, keeping the order of both.

@@ -14,7 +14,9 @@
 //! - slot 0 (the primary) never has two live processes: its old process is gone before a new
 //!   one is spawned;
 //! - during the boot, a slot that fails to come up `boot_attempts` times in a row fails the
-//!   boot.
+//!   boot;
+//! - a fork that fails for want of resources (the process limit, memory) pauses every spawn,
+//!   in all slots, for one backoff shared by the pool: it is not a slot's boot failure.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -208,6 +210,9 @@ pub struct Pool {
     slots: Vec<Slot>,
     /// Actions decided by an event, handed out by the next `step`.
     pending: Vec<Action>,
+    /// Forks failed for want of resources in a row, and no spawn before `forks_paused_until`.
+    fork_failures: u32,
+    forks_paused_until: Option<Instant>,
 }
 
 impl Pool {
@@ -222,6 +227,8 @@ impl Pool {
             workers: BTreeMap::new(),
             slots: Vec::new(),
             pending: Vec::new(),
+            fork_failures: 0,
+            forks_paused_until: None,
         }
     }
 
@@ -246,10 +253,11 @@ impl Pool {
         matches!(self.phase, Phase::Stopping { .. }) && self.workers.is_empty()
     }
 
-    /// Changes the wanted number of workers (TTIN/TTOU); never below 1, and never from 0.
+    /// Changes the wanted number of workers (TTIN/TTOU); never below 1 nor above
+    /// [`config::MAX_WORKERS`], and never from 0.
     pub fn set_target(&mut self, n: usize) {
         // A master without workers (singletons only) stays without.
-        self.target = if self.target == 0 { 0 } else { n.max(1) };
+        self.target = if self.target == 0 { 0 } else { n.clamp(1, config::MAX_WORKERS) };
     }
 
     /// Starts a new generation with `policy` and `target` workers (a reload). A reload during
@@ -335,8 +343,26 @@ impl Pool {
         }
     }
 
+    /// Forking a worker failed for want of resources (EAGAIN at the process limit, ENOMEM,
+    /// EMFILE): no worker is spawned, in any slot, for the returned wait, which doubles with
+    /// each such failure in a row (`restart_backoff`'s `initial` up to `max`) until a fork
+    /// succeeds. Not a boot failure of the slot: the same fork may succeed a moment later.
+    pub fn fork_failed(&mut self, now: Instant) -> Duration {
+        self.fork_failures = self.fork_failures.saturating_add(1);
+        let wait = crate::backoff::delay(&self.policy.backoff, self.fork_failures);
+        self.forks_paused_until = Some(now + wait);
+        wait
+    }
+
+    /// Whether spawns wait for the pool's fork backoff at `now`.
+    pub fn forks_paused(&self, now: Instant) -> bool {
+        self.forks_paused_until.is_some_and(|until| until > now)
+    }
+
     /// A worker was forked for `slot` of `generation`.
     pub fn spawned(&mut self, slot: usize, generation: u64, pid: Pid, now: Instant) {
+        self.fork_failures = 0;
+        self.forks_paused_until = None;
         let wait =
             if self.policy.notify { self.policy.boot_timeout } else { self.policy.min_uptime };
         let worker = Worker {
@@ -447,9 +473,11 @@ impl Pool {
             Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
             _ => None,
         });
-        let slots = (0..self.target)
-            .filter(|&s| self.needs_spawn(s))
-            .filter_map(|s| self.slots.get(s).and_then(|x| x.not_before));
+        let paused = self.forks_paused_until;
+        let slots = (0..self.target).filter(|&s| self.needs_spawn(s)).filter_map(|s| {
+            let at = self.slots.get(s).and_then(|x| x.not_before);
+            at.max(paused)
+        });
         workers.chain(slots).min()
     }
 
@@ -599,6 +627,9 @@ impl Pool {
     /// Spawns what the wanted state lacks: slots 1.. first, then slot 0 once the others have
     /// proved the generation; at most `reload_batch` slots replaced at once.
     fn spawn_missing(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if self.forks_paused(now) {
+            return;
+        }
         let mut replacing = (1..self.target).filter(|&s| self.is_replacing(s)).count();
         for slot in (1..self.target).chain([0]) {
             if !self.needs_spawn(slot)

@@ -60,6 +60,11 @@ impl Log {
         });
     }
 
+    /// A log nobody writes to (the master's stderr went elsewhere).
+    fn close(&self) {
+        self.inner.0.lock().unwrap().closed = true;
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.inner.0.lock().unwrap().lines.clone()
     }
@@ -250,12 +255,29 @@ impl Presup {
         Presup::launch(dir, program, &[], args, env)
     }
 
+    /// Starts the master on `<dir>/supervisor.toml` with its stderr given by the test (a pipe
+    /// the test breaks, say): [`Presup::log`] then stays empty.
+    pub fn start_with_stderr(dir: &Dir, stderr: Stdio) -> Presup {
+        Presup::launch_to(dir, bin(), &[], &[], &[], Some(stderr))
+    }
+
     fn launch(
         dir: &Dir,
         program: &str,
         wrapper: &[&str],
         args: &[&str],
         env: &[(&str, &str)],
+    ) -> Presup {
+        Presup::launch_to(dir, program, wrapper, args, env, None)
+    }
+
+    fn launch_to(
+        dir: &Dir,
+        program: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Option<Stdio>,
     ) -> Presup {
         let mut cmd = match wrapper.split_first() {
             None => Command::new(program),
@@ -278,14 +300,17 @@ impl Presup {
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::null());
+        cmd.stderr(stderr.unwrap_or_else(Stdio::piped));
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn presup");
         let log = Log::default();
-        log.clone().follow(child.stderr.take().unwrap());
+        match child.stderr.take() {
+            Some(pipe) => log.clone().follow(pipe),
+            None => log.close(),
+        }
         Presup { child, log, status: None, pids_dir: dir.path().to_path_buf() }
     }
 

@@ -180,8 +180,14 @@ impl<'a> Item<'a> {
         self.fail(format!("expected {what}, found {found}"))
     }
 
+    /// A string; none may hold a NUL byte, since each ends up in a C string (an argv element,
+    /// an environment variable, a path, a name).
     pub fn str(&self) -> Option<&'a str> {
         match self.value() {
+            DeValue::String(s) if s.contains('\0') => self.fail(format!(
+                "{:?} holds a NUL byte, which no argument, environment variable or path may hold",
+                s.as_ref()
+            )),
             DeValue::String(s) => Some(s),
             _ => self.expected("a string"),
         }

@@ -409,3 +409,39 @@ fn stopping_1_starts_the_replacement_at_once_except_for_the_primary() {
     // One that lingers is killed at graceful_timeout.
     assert_eq!(signals(&sim.step(32_000).0), vec![(p1, Signal::SIGKILL, StopWhy::Retiring)]);
 }
+
+#[test]
+fn a_fork_out_of_resources_pauses_every_slot_with_one_shared_backoff() {
+    let mut sim = Sim::new(1000, policy());
+    // The master performs the first spawn; it fails with EAGAIN: the pool pauses.
+    let actions = sim.pool.step(sim.at(0));
+    assert_eq!(actions.len(), 1000);
+    assert_eq!(sim.pool.fork_failed(sim.at(0)), ms(100));
+    assert!(sim.pool.forks_paused(sim.at(0)));
+    // The other 999 spawns of that step are skipped by the master; nothing is due before the
+    // pause ends, in any slot, and no slot counts a boot failure.
+    assert_eq!(sim.pool.step(sim.at(1)), vec![]);
+    assert_eq!(sim.pool.step(sim.at(99)), vec![]);
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(100)));
+    assert!(!sim.pool.forks_paused(sim.at(100)));
+    // Failures in a row double the pause, up to the backoff's max.
+    assert_eq!(sim.pool.step(sim.at(100)).len(), 1000);
+    assert_eq!(sim.pool.fork_failed(sim.at(100)), ms(200));
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(300)));
+    for _ in 0..20 {
+        sim.pool.fork_failed(sim.at(300));
+    }
+    assert_eq!(sim.pool.next_deadline(), Some(sim.at(30_300)));
+    // A fork that succeeds ends the pause: the rest of the slots are spawned at once.
+    let (actions, spawned) = sim.step(30_300);
+    assert_eq!((actions.len(), spawned.len()), (1000, 1000));
+    assert!(!sim.pool.forks_paused(sim.at(30_300)));
+    assert_eq!(sim.step(31_300).0, vec![Action::Booted]);
+}
+
+#[test]
+fn ttin_never_raises_the_target_above_the_bound() {
+    let mut sim = Sim::booted(2);
+    sim.pool.set_target(usize::MAX);
+    assert_eq!(sim.pool.target(), config::MAX_WORKERS);
+}
