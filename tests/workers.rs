@@ -379,7 +379,7 @@ fn hup_with_a_bad_config_keeps_the_workers_and_a_good_one_brings_generation_2() 
 }
 
 #[test]
-fn usr1_is_forwarded_to_the_workers() {
+fn usr1_is_forwarded_to_the_workers_that_ask_for_it() {
     let dir = Dir::new();
     dir.script(
         "worker.sh",
@@ -387,7 +387,7 @@ fn usr1_is_forwarded_to_the_workers() {
 echo "up $PRESUP_WORKER_ID $$ $PRESUP_GENERATION" >> events
 while :; do sleep 1 & wait $!; done"#,
     );
-    let presup = Presup::start(&dir, &config("count = 2", ""));
+    let presup = Presup::start(&dir, &config("count = 2\nforward_signals = [\"USR1\"]", ""));
     wait_ups(&dir, 2);
     // Forwarded to workers that are up (one still starting might not have its handler yet).
     presup.log.wait_for("ready: all workers up");
@@ -395,6 +395,38 @@ while :; do sleep 1 & wait $!; done"#,
     wait_until("both workers got USR1", DEADLINE, || {
         (dir.lines("events").iter().filter(|l| l.starts_with("usr1")).count() == 2).then_some(())
     });
+}
+
+#[test]
+fn usr1_reopens_the_log_and_leaves_children_that_do_not_handle_it_alone() {
+    let dir = Dir::new();
+    // USR1's default action ends a process: these die of it if it reaches them.
+    dir.script(
+        "worker.sh",
+        "echo \"up $PRESUP_WORKER_ID $$ $PRESUP_GENERATION\" >> events\n\
+         exec python3 -c 'import time; time.sleep(1000)'",
+    );
+    dir.script(
+        "single.sh",
+        "trap 'echo usr1 >> single-events' USR1\nwhile :; do sleep 1 & wait $!; done",
+    );
+    let extra = "[[singleton]]\nname = \"logger\"\ncommand = [\"./single.sh\"]\nforward_signals = [\"USR1\"]\n";
+    let presup = Presup::start(&dir, &format!("{}\n{extra}", config("count = 2", "")));
+    let ups = wait_ups(&dir, 2);
+    presup.log.wait_for("ready: all workers up");
+    presup.signal(Signal::SIGUSR1);
+    let line = presup.log.wait_for("USR1: log reopened");
+    assert!(line.contains("forwarded_to=1"), "{line}");
+    // The singleton that asked for it got it; the workers, which did not, are still the same.
+    wait_until("the singleton to get USR1", DEADLINE, || {
+        (dir.read("single-events").trim() == "usr1").then_some(())
+    });
+    presup.signal(Signal::SIGTTIN);
+    wait_ups(&dir, 3);
+    for up in &ups {
+        assert!(common::alive(up.pid), "worker {} died of USR1:\n{}", up.pid, presup.log.text());
+    }
+    assert_eq!(presup.log.count("SIGUSR1"), 0, "{}", presup.log.text());
 }
 
 #[test]

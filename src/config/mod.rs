@@ -97,8 +97,10 @@ pub struct Workers {
     /// presup addition: a slot that fails to boot this many times in a row before the
     /// initial workers are all up stops the master with exit 3.
     pub boot_attempts: u32,
-    /// Workers replaced at a time during a reload (issue 4).
+    /// Workers replaced at a time during a reload.
     pub reload_batch: usize,
+    /// The signals the master passes on to the workers when it receives them (only USR1).
+    pub forward_signals: Vec<Signal>,
 }
 
 /// Exponential restart backoff, per slot.
@@ -189,6 +191,8 @@ pub struct Singleton {
     #[serde(with = "human")]
     pub stop_timeout: Duration,
     pub restart_backoff: Backoff,
+    /// The signals the master passes on to this singleton when it receives them (only USR1).
+    pub forward_signals: Vec<Signal>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

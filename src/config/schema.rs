@@ -43,12 +43,12 @@ mod keys {
     pub const LISTEN: &[&str] = &["name", "address", "backlog"];
     pub const WORKERS: &[&str] = &["command", "count", "env", "ready", "min_uptime",
         "boot_timeout", "watchdog", "stop_signal", "restart_backoff", "boot_attempts",
-        "reload_batch"];
+        "reload_batch", "forward_signals"];
     pub const HOOK_POINTS: &[&str] = &["on_starting", "when_ready", "on_reload", "worker_exit",
         "on_exit"];
     pub const HOOK: &[&str] = &["command", "timeout", "retries", "env"];
     pub const SINGLETON: &[&str] = &["name", "command", "ready", "restart", "env", "min_uptime",
-        "boot_timeout", "stop_signal", "stop_timeout", "restart_backoff"];
+        "boot_timeout", "stop_signal", "stop_timeout", "restart_backoff", "forward_signals"];
     pub const TICKET: &[&str] = &["interval", "buckets", "daily_limit", "daily_period", "http",
         "path"];
     pub const BACKOFF: &[&str] = &["initial", "max", "reset"];
@@ -167,6 +167,7 @@ fn read_workers(
         restart_backoff: t.get_or("restart_backoff", Item::backoff, DEFAULT_BACKOFF),
         boot_attempts: t.get_or("boot_attempts", |v| v.u32(1..=u32::MAX), 5),
         reload_batch: t.get_or("reload_batch", |v| v.u32(1..=u32::MAX), 1) as usize,
+        forward_signals: t.get("forward_signals", Item::forwarded).unwrap_or_default(),
     }
 }
 
@@ -241,6 +242,7 @@ fn read_singleton(t: &Table, graceful_timeout: Duration) -> Option<Singleton> {
         stop_signal: t.get_or("stop_signal", Item::signal, Signal(SIGTERM)),
         stop_timeout: t.get_or("stop_timeout", Item::duration, graceful_timeout),
         restart_backoff: t.get_or("restart_backoff", Item::backoff, DEFAULT_BACKOFF),
+        forward_signals: t.get("forward_signals", Item::forwarded).unwrap_or_default(),
         name: name?,
         command: command?,
     })
@@ -360,6 +362,22 @@ impl Item<'_> {
         let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
         let unknown = |_| self.error(format!("unknown signal {s:?}"));
         name.parse().map(Signal).map_err(unknown).ok()
+    }
+
+    /// `["USR1"]`: the signals the master passes on. Only USR1 may be: the master acts on the
+    /// others itself (TERM, HUP...), and a child stops when it should with its `stop_signal`.
+    fn forwarded(&self) -> Option<Vec<Signal>> {
+        let signals = all(self.array()?.iter().map(|v| {
+            let signal = v.signal()?;
+            if signal.0 != nix::sys::signal::Signal::SIGUSR1 {
+                return v.fail(format!(
+                    "{} cannot be forwarded: only USR1 is (the master acts on the other signals itself)",
+                    signal.0.as_str()
+                ));
+            }
+            Some(signal)
+        }))?;
+        Some(signals)
     }
 
     /// `"022"`: one to four octal digits, at most 0o777.

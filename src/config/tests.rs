@@ -96,6 +96,7 @@ stop_signal = "SIGINT"
 restart_backoff = { initial = "50ms", max = "1m" }
 boot_attempts = 3
 reload_batch = 2
+forward_signals = ["USR1"]
 
 [hooks]
 on_starting = [
@@ -167,6 +168,7 @@ fn full_config_resolves_values_and_defaults() {
         restart_backoff: backoff,
         boot_attempts: 3,
         reload_batch: 2,
+        forward_signals: vec![Signal(nix::sys::signal::Signal::SIGUSR1)],
     };
     assert_eq!(c.workers, workers);
 
@@ -194,6 +196,7 @@ fn full_config_resolves_values_and_defaults() {
         stop_signal: Signal(SIGTERM),
         stop_timeout: secs(20),
         restart_backoff: default_backoff,
+        forward_signals: vec![],
     };
     let flow = Singleton {
         restart: Restart::OnFailure,
@@ -253,6 +256,7 @@ fn minimal_config_takes_the_defaults() {
         restart_backoff: Backoff { initial: ms(100), max: secs(30), reset: secs(10) },
         boot_attempts: 5,
         reload_batch: 1,
+        forward_signals: vec![],
     };
     assert_eq!(c.workers, workers);
 }
@@ -310,7 +314,7 @@ buckets = "many"
         r#"graceful_timeout: line 1, column 20: expected a duration like "5s", found an integer"#,
         r#"listen[0].address: line 6, column 11: invalid address "example.com:80": the host must be an IP address or "localhost", not "example.com""#,
         r#"listen[0].backlog: line 7, column 11: expected an integer from 1 to 65535, found 0"#,
-        r#"workers.cout: line 10, column 1: unknown key "cout" (expected one of: command, count, env, ready, min_uptime, boot_timeout, watchdog, stop_signal, restart_backoff, boot_attempts, reload_batch)"#,
+        r#"workers.cout: line 10, column 1: unknown key "cout" (expected one of: command, count, env, ready, min_uptime, boot_timeout, watchdog, stop_signal, restart_backoff, boot_attempts, reload_batch, forward_signals)"#,
         r#"workers.min_uptime: line 12, column 14: invalid duration "soon": expected number at 0"#,
         r#"workers.restart_backoff: line 13, column 19: initial (1m) is longer than max (30s)"#,
         r#"hooks.on_starting[0].command: line 16, column 28: empty command"#,
@@ -658,4 +662,19 @@ fn a_ticket_with_http_is_enough_to_run_but_a_ticket_alone_is_not() {
     let message =
         "missing table [workers] (it may be left out only with a [[singleton]] or a ticket with `http`)";
     assert_eq!(only_error("[tickets.g]\ninterval = \"5s\"\n"), error("workers", 1, 1, message));
+}
+
+#[test]
+fn only_usr1_may_be_forwarded() {
+    let text = "[workers]\ncommand = [\"app\"]\nforward_signals = [\"USR1\", \"TERM\", \"HUPP\"]\n";
+    assert_eq!(
+        printed(text),
+        [
+            r#"workers.forward_signals[1]: line 3, column 28: SIGTERM cannot be forwarded: only USR1 is (the master acts on the other signals itself)"#,
+            r#"workers.forward_signals[2]: line 3, column 36: unknown signal "HUPP""#,
+        ]
+    );
+    let c = parse("[workers]\ncommand = [\"app\"]\n[[singleton]]\nname = \"s\"\ncommand = [\"s\"]\nforward_signals = [\"usr1\"]\n");
+    assert_eq!(c.singleton[0].forward_signals, [Signal(nix::sys::signal::Signal::SIGUSR1)]);
+    assert!(c.workers.forward_signals.is_empty(), "forwarding is opt-in");
 }

@@ -965,21 +965,27 @@ impl Master {
         if let Err(e) = self.options.log_sink.reopen() {
             error!("USR1: cannot reopen the log file: {e}");
         }
-        info!("USR1: log reopened, forwarded to the workers and singletons that are up");
-        // Not to a child still starting: it may not have its handlers yet, and USR1's default
-        // action would kill it (a boot failure, which would undo a reload).
+        // Only to the children whose config asks for it (USR1's default action ends a process:
+        // uvicorn, waitress and a plain script would die of it), and not to one still starting:
+        // it may not have its handler yet (a boot failure, which would undo a reload).
+        let wants = |forward: &[config::Signal]| forward.iter().any(|s| s.0 == Signal::SIGUSR1);
+        let to_workers = wants(&self.config.workers.forward_signals);
         let workers = self
             .pool
             .workers()
+            .filter(|_| to_workers)
             .filter(|(_, w)| !matches!(w.life, pool::Life::Starting { .. }))
             .map(|(pid, _)| pid);
         let singletons = self
             .singletons
             .entries()
             .iter()
+            .filter(|e| wants(&e.spec.forward_signals))
             .filter(|e| !matches!(e.life, singletons::Life::Starting { .. }))
             .filter_map(|e| e.pid());
-        for pid in workers.chain(singletons).collect::<Vec<_>>() {
+        let pids: Vec<Pid> = workers.chain(singletons).collect();
+        info!(forwarded_to = pids.len(), "USR1: log reopened");
+        for pid in pids {
             let _ = kill(pid, Signal::SIGUSR1);
         }
     }

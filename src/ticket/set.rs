@@ -119,6 +119,8 @@ impl Tickets {
                 boot_timeout: Duration::from_secs(10),
                 stop_signal: Signal(nix::sys::signal::Signal::SIGTERM),
                 stop_timeout: Duration::from_secs(5),
+                // Its log goes to the master's stderr, reopened by no one.
+                forward_signals: Vec::new(),
                 restart_backoff: Backoff {
                     initial: Duration::from_millis(100),
                     max: Duration::from_secs(30),

@@ -19,6 +19,7 @@ fn spec(name: &str, ready: Ready, restart: Restart) -> config::Singleton {
         stop_signal: config::Signal(Signal::SIGTERM),
         stop_timeout: ms(10_000),
         restart_backoff: config::Backoff { initial: ms(100), max: ms(30_000), reset: ms(10_000) },
+        forward_signals: vec![],
     }
 }
 
