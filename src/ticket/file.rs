@@ -57,9 +57,13 @@ pub fn parse_boot_id(text: &str) -> Option<[u64; 2]> {
 }
 
 /// Creates a new ticket file at `path` (which must not exist), mode 0600.
+/// On any error the file is removed again.
 pub fn create(path: &Path, p: &Params, boot: [u64; 2]) -> io::Result<File> {
     let f = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
-    write_state(&f, &State::fresh(*p), boot)?;
+    if let Err(e) = write_state(&f, &State::fresh(*p), boot) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(f)
 }
 
@@ -93,12 +97,21 @@ pub fn persistent(
     let tmp = tmp_path(path);
     let _ = std::fs::remove_file(&tmp);
     let f = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let new = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
-    let written = write_state(&new, &state, boot).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
+    // From here on, every way out but the rename removes the temporary file.
+    let written = Flock::lock(f, FlockArg::LockExclusive)
+        .map_err(|(_, e)| io::Error::from(e))
+        .and_then(|new| {
+            write_state(&new, &state, boot)?;
+            std::fs::rename(&tmp, path)?;
+            Ok(new)
+        });
+    let new = written.inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
+        // An empty file held exclusively is the one `lock_current` made (or nothing): gone too.
+        if found == Found::Nothing && same_inode(&lock, path) {
+            let _ = std::fs::remove_file(path);
+        }
+    })?;
     new.relock(FlockArg::LockShared).map_err(io::Error::from)?;
     Ok((new, found))
 }
@@ -129,10 +142,16 @@ fn lock_current(path: &Path) -> io::Result<(Flock<File>, bool)> {
             }
             Err((_, e)) => return Err(e.into()),
         };
-        let same = std::fs::metadata(path).map(|m| m.ino()).ok() == Some(lock.metadata()?.ino());
-        if same {
+        if same_inode(&lock, path) {
             return Ok((lock, exclusive));
         }
+    }
+}
+
+fn same_inode(f: &File, path: &Path) -> bool {
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
     }
 }
 
