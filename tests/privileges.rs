@@ -93,3 +93,95 @@ fn children_of_user_can_notify_the_master_and_other_users_cannot() {
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
 }
+
+/// Runs the master on `toml` until it exits; asserts exit 3 and returns its log.
+fn refused(dir: &Dir, toml: &str) -> String {
+    let mut presup = Presup::start(dir, toml);
+    assert_eq!(presup.wait_exit(), Some(3), "log:\n{}", presup.log.text());
+    presup.log.text()
+}
+
+#[test]
+fn a_root_master_follows_no_symlink_at_the_pidfile_or_a_ticket_path() {
+    if !root("a_root_master_follows_no_symlink_at_the_pidfile_or_a_ticket_path") {
+        return;
+    }
+    let dir = Dir::new();
+    let script = dir.script("worker.sh", "exec sleep 60");
+    let workers = format!("[workers]\ncommand = [\"{}\"]\ncount = 1\n", script.display());
+    // A directory an unprivileged user owns (RuntimeDirectory= with User=), and files of root's.
+    let planted = dir.join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&planted, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let victim = dir.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "precious\n").unwrap();
+    let plant = |name: &str, target: &str| {
+        let link = planted.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(victim.join(target), &link).unwrap();
+        // Planted by its owner, as it would be.
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            Some(nobody.uid),
+            Some(nobody.gid),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        link
+    };
+    for target in ["new", "precious"] {
+        let link = plant("presup.pid", target);
+        let text = refused(&dir, &format!("pidfile = \"{}\"\n{workers}", link.display()));
+        assert!(text.contains(&format!("pidfile {}: a symbolic link", link.display())), "{text}");
+        let link = plant("t.ticket", target);
+        let ticket =
+            format!("{workers}\n[tickets.t]\ninterval = \"1s\"\npath = \"{}\"\n", link.display());
+        let text = refused(&dir, &ticket);
+        assert!(text.contains(&format!("ticket {}: a symbolic link", link.display())), "{text}");
+    }
+    assert!(!victim.join("new").exists(), "root created the symlink's target");
+    assert_eq!(std::fs::read_to_string(victim.join("precious")).unwrap(), "precious\n");
+    let left: Vec<_> =
+        std::fs::read_dir(&planted).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only the planted links: {left:?}");
+}
+
+#[test]
+fn a_root_master_refuses_a_pidfile_or_ticket_directory_others_can_write() {
+    if !root("a_root_master_refuses_a_pidfile_or_ticket_directory_others_can_write") {
+        return;
+    }
+    let dir = Dir::new();
+    let script = dir.script("worker.sh", "exec sleep 60");
+    let workers = format!("[workers]\ncommand = [\"{}\"]\ncount = 1\n", script.display());
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    for (mode, who) in [(0o777, "group and others (mode 0777)"), (0o775, "group (mode 0775)")] {
+        chmod(&open, mode);
+        let why = format!(
+            "its directory {} is writable by {who} while presup runs as root",
+            open.display()
+        );
+        let text = refused(&dir, &format!("pidfile = \"open/presup.pid\"\n{workers}"));
+        assert!(
+            text.contains(&format!("pidfile {}: {why}", open.join("presup.pid").display())),
+            "{text}"
+        );
+        let ticket =
+            format!("{workers}\n[tickets.t]\ninterval = \"1s\"\npath = \"open/t.ticket\"\n");
+        let text = refused(&dir, &ticket);
+        assert!(text.contains(&why) && text.contains("ticket t: state file"), "{text}");
+        assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "a file was made in it");
+    }
+    // Sticky and root's, like /tmp: others cannot remove or rename the master's files.
+    chmod(&open, 0o1777);
+    let toml = format!("pidfile = \"open/presup.pid\"\n{workers}\n[tickets.t]\ninterval = \"1s\"\npath = \"open/t.ticket\"\n");
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    assert!(open.join("presup.pid").exists() && open.join("t.ticket").exists());
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
