@@ -15,7 +15,7 @@
 //!
 //! Module map: [`config`] reads `supervisor.toml`; [`listener`] binds sockets; [`spawn`] is the
 //! only module that forks or execs; [`signals`] turns signals into counted events;
-//! [`pidfile`] holds the pidfile lock; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
+//! [`pidfile`] holds the pidfile lock; [`directory`] makes files without following symlinks; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
 //! systemd (notifications, socket activation); [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`].
 
@@ -24,6 +24,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod directory;
 pub mod environment;
 pub mod listener;
 pub mod logs;

@@ -4,14 +4,17 @@
 //! master is unlocked and is taken over; a locked one makes a second master refuse to start.
 //! The pid is written to a temporary file that is locked and then renamed over the path, so a
 //! reader never sees a partial pid. After taking a lock the inode is compared with the path's,
-//! since another master may have renamed a new file over it in the meantime.
+//! since another master may have renamed a new file over it in the meantime. Every file is
+//! reached through its directory's fd, never through a symlink ([`crate::directory`]).
 
-use std::fs::{File, OpenOptions};
+use std::ffi::OsString;
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::directory::Directory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PidfileError {
@@ -21,6 +24,8 @@ pub enum PidfileError {
     Io { path: PathBuf, source: io::Error },
     #[error("pidfile {path}: its directory {} does not exist (create it, or use systemd's RuntimeDirectory=)", .path.parent().unwrap_or(std::path::Path::new("/")).display())]
     NoDirectory { path: PathBuf },
+    #[error("pidfile {path}: {why}")]
+    Unsafe { path: PathBuf, why: String },
 }
 
 /// A held pidfile; removed by [`Pidfile::remove`] (or on drop).
@@ -31,22 +36,35 @@ pub struct Pidfile {
 }
 
 impl Pidfile {
-    /// Takes the pidfile at `path` for this process.
+    /// Takes the pidfile at `path` for this process. Nothing is opened through a symlink at
+    /// `path`, and, as root, a directory others can write is refused ([`crate::directory`]).
     pub fn acquire(path: &Path) -> Result<Pidfile, PidfileError> {
         let io_err = |source: io::Error| PidfileError::Io { path: path.to_path_buf(), source };
-        if path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
-            return Err(PidfileError::NoDirectory { path: path.to_path_buf() });
+        let (dir, name) = Directory::of(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR) => {
+                PidfileError::NoDirectory { path: path.to_path_buf() }
+            }
+            _ => io_err(e),
+        })?;
+        if nix::unistd::geteuid().is_root() {
+            if let Some(why) = dir.unsafe_for_root().map_err(io_err)? {
+                return Err(PidfileError::Unsafe { path: path.to_path_buf(), why });
+            }
         }
         // Lock whatever is at the path now, so that a live master is detected.
-        let existing = lock_path(path).map_err(io_err)?;
+        let existing = lock_path(&dir, &name).map_err(io_err)?;
         let Some(existing) = existing else {
-            return Err(PidfileError::Held { path: path.to_path_buf(), holder: read_pid(path) });
+            return Err(PidfileError::Held {
+                path: path.to_path_buf(),
+                holder: read_pid(&dir, &name),
+            });
         };
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let result = write_locked(&tmp, path);
+        let tmp: OsString =
+            Path::new(&name).with_extension(format!("tmp.{}", std::process::id())).into();
+        let result = write_locked(&dir, &tmp, &name);
         drop(existing);
         let lock = result.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = dir.remove(&tmp);
             io_err(e)
         })?;
         Ok(Pidfile { path: path.to_path_buf(), lock: Some(lock) })
@@ -55,8 +73,10 @@ impl Pidfile {
     /// Removes the file if it is still ours, and releases the lock.
     pub fn remove(&mut self) {
         if let Some(lock) = self.lock.take() {
-            if same_file(&lock, &self.path) {
-                let _ = std::fs::remove_file(&self.path);
+            if let Ok((dir, name)) = Directory::of(&self.path) {
+                if dir.holds(&name, &lock) {
+                    let _ = dir.remove(&name);
+                }
             }
         }
     }
@@ -74,49 +94,36 @@ impl Drop for Pidfile {
     }
 }
 
-/// Opens (creating if needed) and locks the file at `path`; `None` if someone holds it.
-fn lock_path(path: &Path) -> io::Result<Option<Flock<File>>> {
+/// Opens (creating if needed) and locks the file `name`; `None` if someone holds it.
+fn lock_path(dir: &Directory, name: &OsString) -> io::Result<Option<Flock<File>>> {
     loop {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(path)?;
+        let file = dir.open_file(name, true, 0o644)?;
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
             Err((_, e)) => return Err(e.into()),
         };
         // Renamed over while we waited for the lock: lock the new file instead.
-        if same_file(&lock, path) {
+        if dir.holds(name, &lock) {
             return Ok(Some(lock));
         }
     }
 }
 
-/// Writes our pid to `tmp`, locks it and renames it to `path`.
-fn write_locked(tmp: &Path, path: &Path) -> io::Result<Flock<File>> {
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(tmp)?;
+/// Writes our pid to the new file `tmp`, locks it and renames it to `name`.
+fn write_locked(dir: &Directory, tmp: &OsString, name: &OsString) -> io::Result<Flock<File>> {
+    let mut file = dir.create_new(tmp, 0o644)?;
     writeln!(file, "{}", std::process::id())?;
     file.sync_all()?;
     let lock =
         Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
-    std::fs::rename(tmp, path)?;
+    dir.rename(tmp, name)?;
     Ok(lock)
 }
 
-fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-        _ => false,
-    }
-}
-
-fn read_pid(path: &Path) -> Option<u32> {
+fn read_pid(dir: &Directory, name: &OsString) -> Option<u32> {
     let mut s = String::new();
-    File::open(path).ok()?.read_to_string(&mut s).ok()?;
+    dir.open_read(name).ok()?.read_to_string(&mut s).ok()?;
     s.trim().parse().ok()
 }
 
@@ -130,7 +137,7 @@ mod tests {
         let path = dir.path().join("presup.pid");
         std::fs::write(&path, "999999\n").unwrap(); // stale: nobody holds a lock on it
         let mut first = Pidfile::acquire(&path).unwrap();
-        assert_eq!(read_pid(&path), Some(std::process::id()));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", std::process::id()));
         let err = Pidfile::acquire(&path).unwrap_err();
         assert!(
             matches!(err, PidfileError::Held { holder: Some(p), .. } if p == std::process::id())

@@ -116,7 +116,13 @@ impl Ticket {
     pub fn open(path: &Path) -> Result<Ticket, TicketError> {
         let io = |source| TicketError::Io { path: path.to_path_buf(), source };
         let f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
-        let mapping = layout::Mapping::map(&f).map_err(io)?;
+        Ticket::from_file(path, &f)
+    }
+
+    /// The ticket in `f`, already open, whose path is `path`.
+    pub(crate) fn from_file(path: &Path, f: &std::fs::File) -> Result<Ticket, TicketError> {
+        let io = |source| TicketError::Io { path: path.to_path_buf(), source };
+        let mapping = layout::Mapping::map(f).map_err(io)?;
         Ok(Ticket { path: path.to_path_buf(), mapping })
     }
 

@@ -561,3 +561,46 @@ fn ttin_and_ttou_leave_a_master_without_workers_alone() {
     assert_eq!(presup.log.count("cannot start worker"), 0);
     assert_eq!(count(&events(&dir), "up "), 0);
 }
+
+/// The runtime directories under `base` (what each master made there).
+fn runtime_dirs(base: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(base).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn a_master_removes_the_runtime_directory_a_killed_master_left_and_keeps_a_live_ones() {
+    let base = tempfile::tempdir().unwrap();
+    let env = [("RUNTIME_DIRECTORY", base.path().to_str().unwrap())];
+    let start = |dir: &Dir| {
+        let script = dir.script("worker.sh", "exec sleep 60");
+        let toml = format!("[workers]\ncommand = [\"{}\"]\ncount = 1\n", script.display());
+        dir.write("supervisor.toml", &toml);
+        let presup = Presup::start_with(dir, &[], &env);
+        presup.log.wait_for("ready: all workers up");
+        presup
+    };
+    let (killed_dir, live_dir, next_dir) = (Dir::new(), Dir::new(), Dir::new());
+    let mut killed = start(&killed_dir);
+    let left = runtime_dirs(base.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    let live = start(&live_dir);
+    let kept: Vec<_> = runtime_dirs(base.path()).into_iter().filter(|d| *d != left[0]).collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    killed.signal(Signal::SIGKILL);
+    assert_eq!(killed.wait_exit(), None);
+    assert!(left[0].exists(), "a master killed with -9 cannot remove its directory");
+
+    let next = start(&next_dir);
+    let line = next.log.wait_for("removed the runtime directory of a master that is gone");
+    assert!(line.contains(&left[0].display().to_string()), "{line}");
+    assert!(!left[0].exists());
+    assert!(kept[0].join("notify").exists(), "the live master's directory was removed");
+    assert_eq!(runtime_dirs(base.path()).len(), 2);
+    for mut presup in [live, next] {
+        presup.signal(Signal::SIGTERM);
+        assert_eq!(presup.wait_exit(), Some(0));
+    }
+    assert_eq!(runtime_dirs(base.path()), Vec::<std::path::PathBuf>::new());
+}

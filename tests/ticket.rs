@@ -530,3 +530,49 @@ fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kill
     wait_until("refused IDENTIFYs", DEADLINE, || (gateway.stats().1 > 0).then_some(()));
     eprintln!("identifies: {first} at start, {second} after the kills");
 }
+
+/// Whatever is left in `dir` whose name holds `.new-` (a state file's temporary).
+fn temporaries(dir: &Path) -> Vec<String> {
+    let names = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name());
+    names.map(|n| n.to_string_lossy().into_owned()).filter(|n| n.contains(".new-")).collect()
+}
+
+#[test]
+fn a_ticket_on_a_full_filesystem_is_exit_3_naming_the_file_and_leaves_nothing_behind() {
+    let dir = Dir::new();
+    let full = match common::Tmpfs::mount(&dir.join("full"), "64k") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a small tmpfs to fill ({why}); run as root");
+            return;
+        }
+    };
+    full.fill();
+    let script = dir.script("worker.sh", "exec sleep 60");
+    let workers = format!("[workers]\ncommand = [\"{}\"]\ncount = 1\n", script.display());
+    // A ticket `path` on the full filesystem (its state file is written through a temporary).
+    let state = full.path.join("t.ticket");
+    let toml =
+        format!("{workers}\n[tickets.t]\ninterval = \"1s\"\npath = \"{}\"\n", state.display());
+    let mut presup = Presup::start(&dir, &toml);
+    assert_eq!(presup.wait_exit(), Some(3), "log:\n{}", presup.log.text());
+    let text = presup.log.text();
+    assert!(text.contains(&format!("ticket {}", state.display())), "{text}");
+    assert!(text.contains("no space left on device"), "{text}");
+    assert_eq!(temporaries(&full.path), Vec::<String>::new());
+    assert!(!state.exists(), "the state file made for the attempt is left behind");
+    drop(presup);
+    // A ticket in the master's runtime directory, on the full filesystem.
+    let runtime = full.path.to_str().unwrap();
+    dir.write("supervisor.toml", &format!("{workers}\n[tickets.t]\ninterval = \"1s\"\n"));
+    let mut presup = Presup::start_with(&dir, &[], &[("RUNTIME_DIRECTORY", runtime)]);
+    assert_eq!(presup.wait_exit(), Some(3), "log:\n{}", presup.log.text());
+    let text = presup.log.text();
+    assert!(
+        text.contains("/ticket.t: cannot allocate") && text.contains("no space left"),
+        "{text}"
+    );
+    let left: Vec<_> =
+        std::fs::read_dir(&full.path).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("filler")], "left behind");
+}

@@ -169,15 +169,11 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         }
         info!(took = %humantime::format_duration(round_ms(began.elapsed())), "preload finished");
     }
-    let notify = NotifySocket::create().map_err(|e| setup("notification socket", e.to_string()))?;
-    if let Some(c) = &credentials {
-        // Children that dropped privileges must still reach the notification socket.
-        let (uid, gid) = (Some(c.uid.into()), Some(c.gid.into()));
-        nix::unistd::chown(notify.dir(), uid, gid)
-            .map_err(|e| setup("runtime dir", e.to_string()))?;
-    }
-    // The tickets, before any child; their HTTP servers are singletons, started first.
+    // Children that dropped privileges must still reach the socket and the tickets.
     let owner = credentials.as_ref().map(|c| (c.uid.into(), c.gid.into()));
+    let notify =
+        NotifySocket::create(owner).map_err(|e| setup("notification socket", e.to_string()))?;
+    // The tickets, before any child; their HTTP servers are singletons, started first.
     let tickets = Tickets::create(&config.tickets, notify.dir(), owner)
         .map_err(|e| setup("tickets", e.to_string()))?;
     let mut config = config;

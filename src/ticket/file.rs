@@ -10,15 +10,17 @@
 //! When the sizes or rules changed, what is known of the last grants is carried over so that
 //! no grant comes sooner than both the old and the new rules allow ([`carry_over`]).
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use nix::fcntl::{Flock, FlockArg};
 
 use super::layout::{Mapping, Params};
+use crate::directory::Directory;
 
 /// What was found at a state file's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,20 +59,31 @@ pub fn parse_boot_id(text: &str) -> Option<[u64; 2]> {
 }
 
 /// Creates a new ticket file at `path` (which must not exist), mode 0600.
+/// On any error the file is removed again.
 pub fn create(path: &Path, p: &Params, boot: [u64; 2]) -> io::Result<File> {
     let f = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
-    write_state(&f, &State::fresh(*p), boot)?;
+    if let Err(e) = write_state(&f, &State::fresh(*p), boot) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(f)
 }
 
 /// Opens or makes the state file at `path` for a ticket with params `p`; the returned file
-/// holds a shared `flock` for as long as it is open.
+/// holds a shared `flock` for as long as it is open. Nothing is opened through a symlink at
+/// `path`, and, as root, a directory others can write is refused ([`crate::directory`]).
 pub fn persistent(
     path: &Path,
     p: &Params,
     boot: [u64; 2],
 ) -> Result<(Flock<File>, Found), FileError> {
-    let (lock, exclusive) = lock_current(path)?;
+    let (dir, name) = Directory::of(path)?;
+    if nix::unistd::geteuid().is_root() {
+        if let Some(why) = dir.unsafe_for_root()? {
+            return Err(FileError::Refused(why));
+        }
+    }
+    let (lock, exclusive) = lock_current(&dir, &name)?;
     let found = inspect(&lock, p, boot)?;
     if found == Found::Kept {
         lock.relock(FlockArg::LockShared).map_err(io::Error::from)?;
@@ -90,36 +103,34 @@ pub fn persistent(
     };
     // Write beside it, then rename over it: a process that has the old file mapped keeps a
     // consistent (old) file, and none maps a half-written one.
-    let tmp = tmp_path(path);
-    let _ = std::fs::remove_file(&tmp);
-    let f = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let new = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
-    let written = write_state(&new, &state, boot).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
+    let mut tmp = name.clone();
+    tmp.push(format!(".new-{}", std::process::id()));
+    let _ = dir.remove(&tmp);
+    let f = dir.create_new(&tmp, 0o600)?;
+    // From here on, every way out but the rename removes the temporary file.
+    let written = Flock::lock(f, FlockArg::LockExclusive)
+        .map_err(|(_, e)| io::Error::from(e))
+        .and_then(|new| {
+            write_state(&new, &state, boot)?;
+            dir.rename(&tmp, &name)?;
+            Ok(new)
+        });
+    let new = written.inspect_err(|_| {
+        let _ = dir.remove(&tmp);
+        // An empty file held exclusively is the one `lock_current` made (or nothing): gone too.
+        if found == Found::Nothing && dir.holds(&name, &lock) {
+            let _ = dir.remove(&name);
+        }
+    })?;
     new.relock(FlockArg::LockShared).map_err(io::Error::from)?;
     Ok((new, found))
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".new-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Opens `path` (creating it empty if needed) and locks it: exclusively if no other master
+/// Opens `name` (creating it empty if needed) and locks it: exclusively if no other master
 /// holds it, else shared. Retries if the file was replaced in between.
-fn lock_current(path: &Path) -> io::Result<(Flock<File>, bool)> {
+fn lock_current(dir: &Directory, name: &OsString) -> io::Result<(Flock<File>, bool)> {
     loop {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)?;
+        let f = dir.open_file(name, true, 0o600)?;
         let (lock, exclusive) = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(l) => (l, true),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -129,8 +140,7 @@ fn lock_current(path: &Path) -> io::Result<(Flock<File>, bool)> {
             }
             Err((_, e)) => return Err(e.into()),
         };
-        let same = std::fs::metadata(path).map(|m| m.ino()).ok() == Some(lock.metadata()?.ino());
-        if same {
+        if dir.holds(name, &lock) {
             return Ok((lock, exclusive));
         }
     }

@@ -144,8 +144,18 @@ impl Mapping {
 
     /// Maps a new file of `p.file_len()` zero bytes, whose words the caller then writes, the
     /// header's [`Header::init`] last.
+    ///
+    /// The bytes are allocated for real first (`posix_fallocate`), not only the length set: a
+    /// store through the mapping into a hole the filesystem cannot fill (a full disk or tmpfs)
+    /// is SIGBUS, where the allocation is a plain ENOSPC error.
     pub fn map_new(file: &File, p: &Params) -> io::Result<Mapping> {
-        file.set_len(p.file_len() as u64)?;
+        let len = p.file_len();
+        nix::fcntl::posix_fallocate(file, 0, len as libc::off_t).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot allocate its {len} bytes: {}", e.desc().to_lowercase()),
+            )
+        })?;
         let mut m = Mapping::map_raw(file)?;
         (m.buckets, m.ring) = (p.buckets as usize, p.daily_limit as usize);
         Ok(m)

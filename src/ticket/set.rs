@@ -56,11 +56,11 @@ impl Tickets {
         let mut entries = Vec::new();
         for (name, spec) in tickets {
             let p = params(name, spec)?;
-            let (path, lock) = match &spec.path {
+            let (path, file, lock) = match &spec.path {
                 None => {
                     let path = runtime_dir.join(format!("ticket.{name}"));
-                    file::create(&path, &p, boot).map_err(|source| io(&path, source))?;
-                    (path, None)
+                    let file = file::create(&path, &p, boot).map_err(|source| io(&path, source))?;
+                    (path, file, None)
                 }
                 Some(path) => {
                     let (lock, found) = file::persistent(path, &p, boot).map_err(|e| match e {
@@ -71,13 +71,17 @@ impl Tickets {
                         },
                     })?;
                     log_found(name, path, &found);
-                    (path.clone(), Some(lock))
+                    let file = lock.try_clone().map_err(|e| io(path, e))?;
+                    (path.clone(), file, Some(lock))
                 }
             };
+            // Through the file made or checked, never the path again (it could be a symlink
+            // by now, in a directory another user owns).
             if let Some((uid, gid)) = owner {
-                nix::unistd::chown(&path, Some(uid), Some(gid)).map_err(|e| io(&path, e.into()))?;
+                nix::unistd::fchown(&file, Some(uid), Some(gid))
+                    .map_err(|e| io(&path, e.into()))?;
             }
-            let ticket = Ticket::open(&path)?;
+            let ticket = Ticket::from_file(&path, &file)?;
             info!(ticket = %name, path = %path.display(), buckets = p.buckets, "ticket ready");
             entries.push(Entry { name: name.clone(), spec: spec.clone(), ticket, _lock: lock });
         }

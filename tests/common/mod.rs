@@ -434,3 +434,47 @@ pub fn accept_queue(port: u16) -> usize {
     let queues = listener.unwrap_or_else(|| panic!("no listener on port {port}:\n{table}"));
     usize::from_str_radix(queues.split(':').nth(1).unwrap(), 16).unwrap()
 }
+
+/// A small tmpfs mounted for a test (root only), lazily unmounted when dropped. Declare it
+/// after the test's [`Dir`], so that it is unmounted before the directory is removed.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`"64k"`) at `path` (created if needed); `Err` says why not
+    /// (not root, no mount permission), for the test to skip with.
+    pub fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs { path: path.to_path_buf() })
+    }
+
+    /// Fills it: writes a file until the filesystem says ENOSPC.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let page = [0u8; 4096];
+        loop {
+            match f.write(&page) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.path.display()),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
