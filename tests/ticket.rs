@@ -100,6 +100,7 @@ fn spec(interval: Duration, buckets: u32, daily: Option<(u64, Duration)>) -> con
         daily_limit: daily.map(|d| d.0),
         daily_period: daily.map_or(Duration::from_secs(86400), |d| d.1),
         http: None,
+        margin: ticket::default_margin(interval),
         path: None,
     }
 }
@@ -135,7 +136,8 @@ fn by_bucket(grants: &[(u32, u64, u64)], interval: u64) -> BTreeMap<u32, Vec<u64
 #[test]
 fn sixteen_processes_share_four_buckets_exactly() {
     let dir = Dir::new();
-    let interval = 20 * MS;
+    // Turns 20 ms apart plus the default margin, 1 ms: 21 ms.
+    let spacing = 21 * MS;
     let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_millis(20), 4, None));
     let out = dir.join("grants");
     let mut racers = Racers { children: vec![] };
@@ -145,10 +147,10 @@ fn sixteen_processes_share_four_buckets_exactly() {
     racers.wait_all(Duration::from_secs(60));
     let all = grants(&out);
     assert_eq!(all.len(), 1600);
-    let buckets = by_bucket(&all, interval);
+    let buckets = by_bucket(&all, spacing);
     assert_eq!(buckets.len(), 4);
-    // 400 turns per bucket, back to back: the ideal is 399 intervals from first to last.
-    let ideal = 399 * interval;
+    // 400 turns per bucket, back to back: the ideal is 399 spacings from first to last.
+    let ideal = 399 * spacing;
     for (b, ats) in &buckets {
         assert_eq!(ats.len(), 400);
         let took = ats[399] - ats[0];
@@ -255,7 +257,10 @@ fn children_and_their_children_reach_the_ticket_and_usr1_logs_it() {
     presup.signal(Signal::SIGUSR1);
     let line = presup.log.wait_for("ticket status");
     assert!(line.contains("ticket=t") && line.contains("daily_left=3"), "{line}");
-    assert!(line.contains("0: in 59m") && line.contains("1: in 59m"), "{line}");
+    // An hour plus the default margin (50 ms) from each grant: about an hour from now.
+    let about_an_hour =
+        |b: u32| ["59m", "1h "].iter().any(|t| line.contains(&format!("{b}: in {t}")));
+    assert!(about_an_hour(0) && about_an_hour(1), "{line}");
 }
 
 #[test]
@@ -364,7 +369,8 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     });
     let ticket = Ticket::open(&path).unwrap();
     let status = ticket.status();
-    assert!(status.buckets[1] <= status.now + 300 * MS, "{status:?}");
+    // One turn: 300 ms plus the default margin (15 ms).
+    assert!(status.buckets[1] <= status.now + 315 * MS, "{status:?}");
     // Two requests on one kept-alive connection, the second waiting its turn.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -392,6 +398,52 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     drop(s);
     let line = presup.log.wait_for("client hung up while waiting");
     assert!(line.contains("its turn given back"), "{line}");
+}
+
+#[test]
+fn consecutive_http_grants_of_a_bucket_are_an_interval_apart_at_the_client() {
+    let dir = Dir::new();
+    let script = dir.script("worker.sh", "exec sleep 60");
+    // 1 s turns: the default margin is 50 ms.
+    let toml = format!(
+        "[workers]\ncommand = [\"{}\"]\ncount = 1\n\n\
+         [tickets.t]\ninterval = \"1s\"\nbuckets = 2\nhttp = \"127.0.0.1:0\"\n",
+        script.display()
+    );
+    let presup = Presup::start(&dir, &toml);
+    let port = server_port(&presup);
+    // One kept-alive client asks for bucket 0's turns one after the other, as a shard does
+    // when it reconnects, each request sent as soon as the previous answer is in.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut received = Vec::new();
+    for shard in [0, 2, 4, 6] {
+        s.write_all(format!("GET /?shard={shard} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !answer.ends_with(b"}") {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "the server closed the connection");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        received.push(Instant::now());
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&answer));
+    }
+    let interval = Duration::from_secs(1);
+    for w in received.windows(2) {
+        assert!(w[1] - w[0] >= interval, "answers {:?} apart", w[1] - w[0]);
+    }
+    // A shard acts a little after its answer, by an amount that varies (its event loop, the
+    // way to Discord): here 30 ms late, on time, 30 ms late, on time. Within the margin, what
+    // the gateway sees is still an interval apart (without it, 970 ms).
+    let acted: Vec<Instant> = received
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| at + Duration::from_millis(if i % 2 == 0 { 30 } else { 0 }))
+        .collect();
+    for w in acted.windows(2) {
+        assert!(w[1] - w[0] >= interval, "acted {:?} apart", w[1] - w[0]);
+    }
 }
 
 /// A free TCP port on the loopback (bound, then released).

@@ -205,6 +205,10 @@ pub struct Ticket {
     #[serde(with = "human")]
     pub daily_period: Duration,
     pub http: Option<std::net::SocketAddr>,
+    /// Added to `interval` between two turns of a bucket, so that callers who wake up a little
+    /// late still act `interval` apart (default: [`crate::ticket::default_margin`]).
+    #[serde(with = "human")]
+    pub margin: Duration,
     /// Optional state file that survives a restart of the master (issue 5).
     pub path: Option<PathBuf>,
 }

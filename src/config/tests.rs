@@ -219,6 +219,7 @@ fn full_config_resolves_values_and_defaults() {
         daily_period: secs(12 * 3600),
         http: Some(addr("127.0.0.1:5000")),
         path: Some("/etc/presup/state/identify".into()),
+        margin: ms(50),
     };
     let other = Ticket {
         interval: ms(250),
@@ -227,6 +228,7 @@ fn full_config_resolves_values_and_defaults() {
         daily_period: secs(24 * 3600),
         http: None,
         path: None,
+        margin: Duration::from_micros(12_500),
     };
     assert_eq!(
         c.tickets,
@@ -581,4 +583,22 @@ fn load_reads_a_file_and_names_it_in_errors() {
     let p = path.display();
     let shown = format!("{p}: 1 error\n  {p}: workers.command: line 2, column 11: empty command");
     assert_eq!(err.to_string(), shown);
+}
+
+#[test]
+fn a_ticket_margin_defaults_to_a_twentieth_of_its_interval_at_most_50ms() {
+    let margin = |keys: &str| {
+        let c = parse(&format!("[workers]\ncommand = [\"a\"]\n[tickets.t]\n{keys}\n"));
+        c.tickets["t"].margin
+    };
+    assert_eq!(margin("interval = \"5s\""), ms(50));
+    assert_eq!(margin("interval = \"1s\""), ms(50));
+    assert_eq!(margin("interval = \"200ms\""), ms(10));
+    assert_eq!(margin("interval = \"5s\"\nmargin = \"0s\""), Duration::ZERO);
+    assert_eq!(margin("interval = \"5s\"\nmargin = \"120ms\""), ms(120));
+    let e = printed("[workers]\ncommand = [\"a\"]\n[tickets.t]\ninterval = \"1s\"\nmargin = 5\n");
+    assert_eq!(
+        e,
+        [r#"tickets.t.margin: line 5, column 10: expected a duration like "5s", found an integer"#]
+    );
 }
