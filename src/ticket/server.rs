@@ -85,6 +85,7 @@ pub fn run(name: &str, addr: SocketAddr, request_timeout: Duration) -> Result<()
         ticket,
         queues: (0..buckets).map(|_| Queue::default()).collect(),
         table: Mutex::new(table),
+        ended: Condvar::new(),
         request_timeout,
     });
     let mut acceptor = Acceptor { spare: File::open("/dev/null").ok(), warned: None, quiet: 0 };
@@ -122,17 +123,23 @@ impl Acceptor {
         let stream = Arc::new(stream);
         let id = {
             let mut table = server.table();
-            match table.admit(peer) {
-                Admit::Refuse => None,
-                admit => {
-                    if let Admit::Evict(old) = admit {
-                        if let Some(s) = table.remove(old) {
-                            // Its thread's read ends at once; the thread closes the fd.
-                            let _ = s.shutdown(Shutdown::Both);
-                            debug!(ticket = %server.name, "idle connection closed to make room");
-                        }
+            loop {
+                match table.admit(peer) {
+                    Admit::Refuse => break None,
+                    // A closed connection's thread ends at once: its read returns.
+                    Admit::Wait => {
+                        table = server.ended.wait(table).unwrap_or_else(|p| p.into_inner())
                     }
-                    Some(table.insert(peer, Arc::clone(&stream), Instant::now()))
+                    admit => {
+                        if let Admit::Evict(old) = admit {
+                            if let Some(s) = table.evict(old) {
+                                // Its thread's read returns at once; the thread closes the fd.
+                                let _ = s.shutdown(Shutdown::Both);
+                                debug!(ticket = %server.name, "idle connection closed to make room");
+                            }
+                        }
+                        break Some(table.insert(peer, Arc::clone(&stream), Instant::now()));
+                    }
                 }
             }
         };
@@ -148,6 +155,7 @@ impl Acceptor {
             .spawn(move || thread.serve(id, stream));
         if let Err(e) = spawned {
             server.table().remove(id);
+            server.ended.notify_all();
             self.warn(&format!("cannot start a connection thread: {e}"));
         }
     }
@@ -206,6 +214,8 @@ struct Server {
     ticket: Ticket,
     queues: Vec<Queue>,
     table: Mutex<Table<Arc<TcpStream>>>,
+    /// Signalled when a connection's thread has ended, its fd closed.
+    ended: Condvar,
     request_timeout: Duration,
 }
 
@@ -264,7 +274,12 @@ impl Server {
     fn serve(&self, id: u64, stream: Arc<TcpStream>) {
         let _ = stream.set_write_timeout(Some(self.request_timeout));
         self.serve_requests(id, &stream);
-        self.table().remove(id);
+        let mut table = self.table();
+        table.remove(id);
+        // The fd is closed before the acceptor, woken, counts the room it leaves.
+        drop(stream);
+        drop(table);
+        self.ended.notify_all();
     }
 
     fn serve_requests(&self, id: u64, stream: &TcpStream) {

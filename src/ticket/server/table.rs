@@ -30,12 +30,23 @@ pub enum Admit {
     Evict(u64),
     /// No room, and nothing idle to close: answer 503.
     Refuse,
+    /// No room until a connection being closed is gone (its fd is still open): ask again then.
+    Wait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle {
+        since: Instant,
+    },
+    Busy,
+    /// Closed to make room; its thread has not ended yet, so its fd is still open.
+    Closing,
 }
 
 struct Entry<S> {
     peer: IpAddr,
-    /// `None`: busy.
-    idle_since: Option<Instant>,
+    state: State,
     stream: S,
 }
 
@@ -61,16 +72,22 @@ impl<S> Table<S> {
         self.entries.len()
     }
 
-    /// What a new connection from `peer` may have.
+    /// What a new connection from `peer` may have. Connections being closed count until their
+    /// thread has ended, so that the fds in use stay within the table's capacity (plus one).
     pub fn admit(&self, peer: IpAddr) -> Admit {
         let peer = peer.to_canonical();
+        let full = self.entries.len() >= self.capacity;
+        if full && self.entries.values().any(|e| e.state == State::Closing) {
+            return Admit::Wait;
+        }
         if !peer.is_loopback() {
             let mine = self.entries.iter().filter(|(_, e)| e.peer == peer);
+            let mine = mine.filter(|(_, e)| e.state != State::Closing);
             if mine.clone().count() >= self.per_address {
                 return oldest_idle(mine).map_or(Admit::Refuse, Admit::Evict);
             }
         }
-        if self.entries.len() >= self.capacity {
+        if full {
             return oldest_idle(self.entries.iter()).map_or(Admit::Refuse, Admit::Evict);
         }
         Admit::Accept
@@ -80,31 +97,42 @@ impl<S> Table<S> {
     pub fn insert(&mut self, peer: IpAddr, stream: S, now: Instant) -> u64 {
         let id = self.next;
         self.next += 1;
-        let entry = Entry { peer: peer.to_canonical(), idle_since: Some(now), stream };
+        let entry = Entry { peer: peer.to_canonical(), state: State::Idle { since: now }, stream };
         self.entries.insert(id, entry);
         id
     }
 
-    /// Takes connection `id` out (closed to make room, or ended).
+    /// Marks connection `id` as being closed to make room; returns its stream, to shut it down.
+    pub fn evict(&mut self, id: u64) -> Option<&S> {
+        let e = self.entries.get_mut(&id)?;
+        e.state = State::Closing;
+        Some(&e.stream)
+    }
+
+    /// Takes connection `id` out: its thread has ended.
     pub fn remove(&mut self, id: u64) -> Option<S> {
         self.entries.remove(&id).map(|e| e.stream)
     }
 
     /// Connection `id` has a request (`idle_since: None`) or is done with it (`Some(now)`).
-    /// False if it is no longer in the table: it was closed to make room.
+    /// False if it is being closed to make room (its thread should end).
     pub fn set(&mut self, id: u64, idle_since: Option<Instant>) -> bool {
         match self.entries.get_mut(&id) {
-            Some(e) => {
-                e.idle_since = idle_since;
+            Some(e) if e.state != State::Closing => {
+                e.state = idle_since.map_or(State::Busy, |since| State::Idle { since });
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 }
 
 fn oldest_idle<'a, S: 'a>(entries: impl Iterator<Item = (&'a u64, &'a Entry<S>)>) -> Option<u64> {
-    entries.filter_map(|(&id, e)| Some((e.idle_since?, id))).min().map(|(_, id)| id)
+    let idle = entries.filter_map(|(&id, e)| match e.state {
+        State::Idle { since } => Some((since, id)),
+        _ => None,
+    });
+    idle.min().map(|(_, id)| id)
 }
 
 #[cfg(test)]
@@ -130,12 +158,18 @@ mod tests {
         assert_eq!(t.admit(ip("127.0.0.1")), Admit::Evict(a));
         assert!(t.set(a, None) && t.set(b, Some(at(5))));
         assert_eq!(t.admit(ip("10.0.0.1")), Admit::Evict(c));
+        // Until the closed connection's thread has ended (and its fd is closed), no more room.
+        assert!(t.evict(c).is_some());
+        let d = t.insert(ip("10.0.0.1"), (), at(6));
+        assert_eq!(t.admit(ip("127.0.0.1")), Admit::Wait);
+        // Its thread finds it closing and ends.
+        assert!(!t.set(c, None));
+        assert!(t.remove(c).is_some());
         // Every connection waiting for its turn: refused.
-        assert!(t.set(b, None) && t.set(c, None));
+        assert!(t.set(b, None) && t.set(d, None));
         assert_eq!(t.admit(ip("127.0.0.1")), Admit::Refuse);
         assert!(t.remove(a).is_some());
         assert_eq!(t.admit(ip("127.0.0.1")), Admit::Accept);
-        // A connection closed to make room is gone for its thread too.
         assert!(!t.set(a, Some(at(9))));
     }
 
