@@ -17,7 +17,8 @@
 //! the request timeout (10 s), a kept-alive one its next request within [`IDLE`]; a request
 //! head (and body) must be complete within the request timeout of its first byte; when the
 //! table is full the connection idle the longest is closed for the new one, and a remote
-//! address holds at most [`table::PER_ADDRESS`]. A connection waiting for its turn is never cut.
+//! address holds at most [`table::PER_ADDRESS`] idle ones. A request waiting for its turn is
+//! never cut.
 //! The server raises its soft fd limit to the hard one and sizes its table below it; should
 //! `accept` still run out of fds, a reserve fd is given up to take the connection off the
 //! queue and answer it 503, rather than retrying at once.

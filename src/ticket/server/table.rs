@@ -8,18 +8,21 @@
 //! longest is closed for the new one, so that a crowd of idle connections cannot lock out a
 //! client who has something to ask; only when every connection is busy is a new one refused.
 //!
-//! Room is counted twice: in the table ([`Table::capacity`], bounded by the fd limit), and per
-//! remote address ([`PER_ADDRESS`]), so that one host cannot take the whole table. Loopback
-//! peers (127.0.0.0/8, ::1) are only bounded by the table: every process of the host comes
-//! from that one address, and a bot whose shards all wait for their turns at once (hundreds of
-//! them, on a large bot) must not be refused by a per-address cap.
+//! Room is counted in the table ([`Table::capacity`], bounded by the fd limit), and idle
+//! connections per remote address ([`PER_ADDRESS`]): a host with that many idle connections
+//! that opens another loses its own idle longest, not another host's. Only idle connections
+//! count there, so no request is ever refused for its address: a remote host whose shards all
+//! wait for their turns at once (hundreds, on a large bot) is bounded by the table only.
+//! Loopback peers (127.0.0.0/8, ::1) have no per-address count: every process of the host
+//! comes from that one address, and closing a local bot's pooled connections whenever it opens
+//! a new one would only make it reconnect.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-/// At most this many connections from one non-loopback address. A remote host of a sharded
-/// bot holds one connection per shard waiting for its turn: a few dozen, rarely more.
+/// At most this many idle connections from one non-loopback address (a client's pool keeps
+/// about one per shard that asked lately).
 pub const PER_ADDRESS: usize = 256;
 
 /// What to do with a new connection.
@@ -81,8 +84,8 @@ impl<S> Table<S> {
             return Admit::Wait;
         }
         if !peer.is_loopback() {
-            let mine = self.entries.iter().filter(|(_, e)| e.peer == peer);
-            let mine = mine.filter(|(_, e)| e.state != State::Closing);
+            let idle = |e: &Entry<S>| matches!(e.state, State::Idle { .. });
+            let mine = self.entries.iter().filter(|(_, e)| e.peer == peer && idle(e));
             if mine.clone().count() >= self.per_address {
                 return oldest_idle(mine).map_or(Admit::Refuse, Admit::Evict);
             }
@@ -174,7 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn one_remote_address_holds_at_most_its_share_loopback_only_the_table() {
+    fn one_remote_address_holds_at_most_its_share_of_idle_connections_loopback_no_share() {
         let t0 = Instant::now();
         let mut t = Table::new(100, 2);
         let x1 = t.insert(ip("192.0.2.7"), (), t0);
@@ -182,8 +185,13 @@ mod tests {
         // The address's own longest idle connection makes room, not another host's.
         t.insert(ip("192.0.2.8"), (), t0 - Duration::from_secs(60));
         assert_eq!(t.admit(ip("192.0.2.7")), Admit::Evict(x1));
+        // Requests waiting for their turns do not count: no request is refused for its address.
         assert!(t.set(x1, None) && t.set(x2, None));
-        assert_eq!(t.admit(ip("192.0.2.7")), Admit::Refuse);
+        for _ in 0..5 {
+            assert_eq!(t.admit(ip("192.0.2.7")), Admit::Accept);
+            let id = t.insert(ip("192.0.2.7"), (), t0);
+            assert!(t.set(id, None));
+        }
         assert_eq!(t.admit(ip("192.0.2.9")), Admit::Accept);
         for _ in 0..10 {
             t.insert(ip("127.0.0.1"), (), t0);
@@ -191,6 +199,6 @@ mod tests {
         }
         assert_eq!(t.admit(ip("127.0.0.1")), Admit::Accept);
         assert_eq!(t.admit(ip("::ffff:127.0.0.1")), Admit::Accept);
-        assert_eq!(t.len(), 23);
+        assert_eq!(t.len(), 28);
     }
 }
