@@ -6,8 +6,9 @@
 //! `PRESUP_TICKET_<NAME>`, so that a process started by a child, even one whose inherited fds
 //! were closed, reaches it too. The layout is in [`layout`], the rules in [`reserve`]:
 //!
-//! - for each bucket (`shard % buckets`), never two grants closer than `interval`, whatever
-//!   the number of processes; grants in the order they were reserved;
+//! - for each bucket (`shard % buckets`), never two grants closer than `interval + margin`,
+//!   whatever the number of processes; grants in the order they were reserved (the margin
+//!   absorbs the callers' wake-up jitter, see [`default_margin`]);
 //! - with `daily_limit`, never more than that many grants in any window of `daily_period`:
 //!   past it a caller waits (never fails, never gets an extra turn);
 //! - time is CLOCK_MONOTONIC, which every process of the host shares;
@@ -70,6 +71,19 @@ pub struct Grant {
     /// The instant it was granted for (ns of CLOCK_MONOTONIC, see [`now`]); the call returned
     /// at or after it.
     pub at: u64,
+}
+
+/// The `margin` of a ticket whose config does not set one: a twentieth of `interval`, at most
+/// 50 ms (50 ms from an interval of 1 s up).
+///
+/// The margin is added to the spacing of a bucket's turns: they are reserved `interval +
+/// margin` apart. A caller acts when it wakes up after its turn's instant, a little late and by
+/// an amount that varies (scheduling, a busy event loop, the network to the ticket server); two
+/// consecutive callers then act at least `interval` apart as long as the second one's delay is
+/// no more than `margin` shorter than the first one's. Waiting `margin` longer on every turn
+/// would not help: that delays both callers alike, and it is their difference that counts.
+pub fn default_margin(interval: Duration) -> Duration {
+    (interval / 20).min(Duration::from_millis(50))
 }
 
 /// The environment variable that holds ticket `name`'s path: `PRESUP_TICKET_<NAME>`.

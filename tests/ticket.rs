@@ -100,6 +100,7 @@ fn spec(interval: Duration, buckets: u32, daily: Option<(u64, Duration)>) -> con
         daily_limit: daily.map(|d| d.0),
         daily_period: daily.map_or(Duration::from_secs(86400), |d| d.1),
         http: None,
+        margin: ticket::default_margin(interval),
         path: None,
     }
 }
@@ -135,7 +136,8 @@ fn by_bucket(grants: &[(u32, u64, u64)], interval: u64) -> BTreeMap<u32, Vec<u64
 #[test]
 fn sixteen_processes_share_four_buckets_exactly() {
     let dir = Dir::new();
-    let interval = 20 * MS;
+    // Turns 20 ms apart plus the default margin, 1 ms: 21 ms.
+    let spacing = 21 * MS;
     let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_millis(20), 4, None));
     let out = dir.join("grants");
     let mut racers = Racers { children: vec![] };
@@ -145,10 +147,10 @@ fn sixteen_processes_share_four_buckets_exactly() {
     racers.wait_all(Duration::from_secs(60));
     let all = grants(&out);
     assert_eq!(all.len(), 1600);
-    let buckets = by_bucket(&all, interval);
+    let buckets = by_bucket(&all, spacing);
     assert_eq!(buckets.len(), 4);
-    // 400 turns per bucket, back to back: the ideal is 399 intervals from first to last.
-    let ideal = 399 * interval;
+    // 400 turns per bucket, back to back: the ideal is 399 spacings from first to last.
+    let ideal = 399 * spacing;
     for (b, ats) in &buckets {
         assert_eq!(ats.len(), 400);
         let took = ats[399] - ats[0];
@@ -255,7 +257,10 @@ fn children_and_their_children_reach_the_ticket_and_usr1_logs_it() {
     presup.signal(Signal::SIGUSR1);
     let line = presup.log.wait_for("ticket status");
     assert!(line.contains("ticket=t") && line.contains("daily_left=3"), "{line}");
-    assert!(line.contains("0: in 59m") && line.contains("1: in 59m"), "{line}");
+    // An hour plus the default margin (50 ms) from each grant: about an hour from now.
+    let about_an_hour =
+        |b: u32| ["59m", "1h "].iter().any(|t| line.contains(&format!("{b}: in {t}")));
+    assert!(about_an_hour(0) && about_an_hour(1), "{line}");
 }
 
 #[test]
@@ -364,7 +369,8 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     });
     let ticket = Ticket::open(&path).unwrap();
     let status = ticket.status();
-    assert!(status.buckets[1] <= status.now + 300 * MS, "{status:?}");
+    // One turn: 300 ms plus the default margin (15 ms).
+    assert!(status.buckets[1] <= status.now + 315 * MS, "{status:?}");
     // Two requests on one kept-alive connection, the second waiting its turn.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -392,6 +398,203 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     drop(s);
     let line = presup.log.wait_for("client hung up while waiting");
     assert!(line.contains("its turn given back"), "{line}");
+}
+
+#[test]
+fn consecutive_http_grants_of_a_bucket_are_an_interval_apart_at_the_client() {
+    let dir = Dir::new();
+    let script = dir.script("worker.sh", "exec sleep 60");
+    // 1 s turns: the default margin is 50 ms.
+    let toml = format!(
+        "[workers]\ncommand = [\"{}\"]\ncount = 1\n\n\
+         [tickets.t]\ninterval = \"1s\"\nbuckets = 2\nhttp = \"127.0.0.1:0\"\n",
+        script.display()
+    );
+    let presup = Presup::start(&dir, &toml);
+    let port = server_port(&presup);
+    // One kept-alive client asks for bucket 0's turns one after the other, as a shard does
+    // when it reconnects, each request sent as soon as the previous answer is in.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut received = Vec::new();
+    for shard in [0, 2, 4, 6] {
+        s.write_all(format!("GET /?shard={shard} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !answer.ends_with(b"}") {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "the server closed the connection");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        received.push(Instant::now());
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&answer));
+    }
+    let interval = Duration::from_secs(1);
+    let gaps: Vec<Duration> = received.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("answers apart: {gaps:?}");
+    for w in received.windows(2) {
+        assert!(w[1] - w[0] >= interval, "answers {:?} apart", w[1] - w[0]);
+    }
+    // A shard acts a little after its answer, by an amount that varies (its event loop, the
+    // way to Discord): here 20 ms late, on time, 20 ms late, on time. Within the margin, what
+    // the gateway sees is still an interval apart (without it, 980 ms).
+    let acted: Vec<Instant> = received
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| at + Duration::from_millis(if i % 2 == 0 { 20 } else { 0 }))
+        .collect();
+    for w in acted.windows(2) {
+        assert!(w[1] - w[0] >= interval, "acted {:?} apart", w[1] - w[0]);
+    }
+}
+
+/// `presup ticket-server t` run by the test itself on the loopback (as the master runs it),
+/// with ticket `t`'s file made in `dir`; killed and reaped when dropped.
+struct Server {
+    child: Child,
+    log: common::Log,
+    port: u16,
+    _tickets: Tickets,
+}
+
+impl Server {
+    /// `max_fds`: the server's RLIMIT_NOFILE, soft and hard (so that it cannot raise it).
+    fn start(dir: &Dir, interval: Duration, args: &[&str], max_fds: Option<u64>) -> Server {
+        let (tickets, path) = make_ticket(dir.path(), spec(interval, 2, None));
+        let mut cmd = Command::new(common::bin());
+        cmd.args(["ticket-server", "t", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("PRESUP_TICKET_T", &path)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(n) = max_fds {
+            use nix::sys::resource::{setrlimit, Resource};
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = common::Log::default();
+        log.clone().follow(child.stderr.take().unwrap());
+        let line = log.wait_for("ticket server listening");
+        let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        Server { child, log, port, _tickets: tickets }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    }
+
+    /// The server's CPU time so far (utime + stime, in clock ticks).
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `GET /?shard=N` on `s` and reads the answer's status line (`None`: closed first).
+fn ask(s: &mut TcpStream, shard: u64) -> Option<String> {
+    s.write_all(format!("GET /?shard={shard} HTTP/1.1\r\n\r\n").as_bytes()).ok()?;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !answer.ends_with(b"}") {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// Whether the server closed `s` (EOF, or reset) within the stream's read timeout.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match s.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn idle_connections_cannot_lock_out_the_http_endpoint_nor_make_it_spin_out_of_fds() {
+    // The test holds 1100 connections: it needs the fds (root may raise its hard limit).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource::RLIMIT_NOFILE};
+    let (soft, hard) = getrlimit(RLIMIT_NOFILE).unwrap();
+    if soft < 4096 && setrlimit(RLIMIT_NOFILE, 4096.max(hard), 4096.max(hard)).is_err() {
+        eprintln!("skipped: cannot raise this test's fd limit to 4096 (soft {soft}, hard {hard})");
+        return;
+    }
+    let dir = Dir::new();
+    // The server under the 1024-fd limit systemd gives services: it cannot raise it, so it
+    // holds at most 1024 - 64 connections. A long request timeout: nothing is closed for
+    // being slow during the test, only to make room.
+    let server =
+        Server::start(&dir, Duration::from_millis(100), &["--request-timeout", "1h"], Some(1024));
+    assert!(server.log.wait_for("ticket server listening").contains("max_connections=960"));
+    let mut idle: Vec<TcpStream> = (0..1100).map(|_| server.connect()).collect();
+    // A real request behind them is accepted, room made for it, and answered at once.
+    let mut real = server.connect();
+    let asked = Instant::now();
+    assert_eq!(ask(&mut real, 0).as_deref(), Some("HTTP/1.1 200 OK"));
+    eprintln!("answered in {:?} behind 1100 idle connections", asked.elapsed());
+    // The connections idle the longest made room: the first 1100 + 1 - 960 of them.
+    for (i, s) in idle.iter_mut().enumerate().take(141) {
+        assert!(closed(s), "idle connection {i} is still open");
+    }
+    // With 960 connections held, no busy loop: over a second, a few ticks of CPU at most
+    // (a generous bound, 30% of one core; a spinning accept takes all of it).
+    let (before, started) = (server.cpu_ticks(), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = server.cpu_ticks() - before;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as u64;
+    let allowed = (started.elapsed().as_secs_f64() * hz as f64 * 0.3) as u64;
+    eprintln!("{ticks} ticks of CPU in {:?} (allowed {allowed})", started.elapsed());
+    assert!(ticks <= allowed, "{ticks} ticks of CPU in {:?}", started.elapsed());
+    // The newer idle connections are still served (they were not closed needlessly).
+    let last = idle.last_mut().unwrap();
+    assert_eq!(ask(last, 1).as_deref(), Some("HTTP/1.1 200 OK"));
+}
+
+#[test]
+fn a_connection_without_a_request_is_cut_after_the_request_timeout_one_waiting_is_not() {
+    let dir = Dir::new();
+    let server = Server::start(&dir, Duration::from_secs(2), &["--request-timeout", "500ms"], None);
+    let connected = Instant::now();
+    let mut silent = server.connect();
+    let mut slow = server.connect();
+    slow.write_all(b"GET /?shard=1 HTTP/1.1\r\n").unwrap();
+    let mut waiting = server.connect();
+    // Bucket 0's first turn is now; the second, 2 s later: four request timeouts of waiting.
+    assert_eq!(ask(&mut waiting, 0).as_deref(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(ask(&mut waiting, 2).as_deref(), Some("HTTP/1.1 200 OK"));
+    assert!(connected.elapsed() >= Duration::from_secs(2), "{:?}", connected.elapsed());
+    // Meanwhile the silent connection and the one whose head never ended were closed.
+    silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed(&mut silent), "a connection with no request stayed open");
+    assert!(closed(&mut slow), "a connection with half a request stayed open");
+    // A prompt client is not cut: a new connection asks within the timeout.
+    let mut prompt = server.connect();
+    assert_eq!(ask(&mut prompt, 1).as_deref(), Some("HTTP/1.1 200 OK"));
 }
 
 /// A free TCP port on the loopback (bound, then released).

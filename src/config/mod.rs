@@ -212,6 +212,10 @@ pub struct Ticket {
     #[serde(with = "human")]
     pub daily_period: Duration,
     pub http: Option<std::net::SocketAddr>,
+    /// Added to `interval` between two turns of a bucket, so that callers who wake up a little
+    /// late still act `interval` apart (default: [`crate::ticket::default_margin`]).
+    #[serde(with = "human")]
+    pub margin: Duration,
     /// Optional state file that survives a restart of the master (issue 5).
     #[serde(serialize_with = "lossy_opt")]
     pub path: Option<PathBuf>,

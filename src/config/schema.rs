@@ -50,7 +50,7 @@ mod keys {
     pub const SINGLETON: &[&str] = &["name", "command", "ready", "restart", "env", "min_uptime",
         "boot_timeout", "stop_signal", "stop_timeout", "restart_backoff", "forward_signals"];
     pub const TICKET: &[&str] = &["interval", "buckets", "daily_limit", "daily_period", "http",
-        "path"];
+        "path", "margin"];
     pub const BACKOFF: &[&str] = &["initial", "max", "reset"];
     pub const PROBE: &[&str] = &["unix_socket", "tcp"];
 }
@@ -304,6 +304,7 @@ fn read_ticket(t: &Table) -> Option<Ticket> {
         daily_period: t.get_or("daily_period", Item::nonzero_duration, 24 * 3600 * SEC),
         http: t.get("http", Item::socket_addr),
         path: t.get("path", Item::path),
+        margin: t.get("margin", Item::duration).unwrap_or(crate::ticket::default_margin(interval?)),
         interval: interval?,
     })
 }

@@ -222,6 +222,7 @@ fn full_config_resolves_values_and_defaults() {
         daily_period: secs(12 * 3600),
         http: Some(addr("127.0.0.1:5000")),
         path: Some("/etc/presup/state/identify".into()),
+        margin: ms(50),
     };
     let other = Ticket {
         interval: ms(250),
@@ -230,6 +231,7 @@ fn full_config_resolves_values_and_defaults() {
         daily_period: secs(24 * 3600),
         http: None,
         path: None,
+        margin: Duration::from_micros(12_500),
     };
     assert_eq!(
         c.tickets,
@@ -677,4 +679,22 @@ fn only_usr1_may_be_forwarded() {
     let c = parse("[workers]\ncommand = [\"app\"]\n[[singleton]]\nname = \"s\"\ncommand = [\"s\"]\nforward_signals = [\"usr1\"]\n");
     assert_eq!(c.singleton[0].forward_signals, [Signal(nix::sys::signal::Signal::SIGUSR1)]);
     assert!(c.workers.forward_signals.is_empty(), "forwarding is opt-in");
+}
+
+#[test]
+fn a_ticket_margin_defaults_to_a_twentieth_of_its_interval_at_most_50ms() {
+    let margin = |keys: &str| {
+        let c = parse(&format!("[workers]\ncommand = [\"a\"]\n[tickets.t]\n{keys}\n"));
+        c.tickets["t"].margin
+    };
+    assert_eq!(margin("interval = \"5s\""), ms(50));
+    assert_eq!(margin("interval = \"1s\""), ms(50));
+    assert_eq!(margin("interval = \"200ms\""), ms(10));
+    assert_eq!(margin("interval = \"5s\"\nmargin = \"0s\""), Duration::ZERO);
+    assert_eq!(margin("interval = \"5s\"\nmargin = \"120ms\""), ms(120));
+    let e = printed("[workers]\ncommand = [\"a\"]\n[tickets.t]\ninterval = \"1s\"\nmargin = 5\n");
+    assert_eq!(
+        e,
+        [r#"tickets.t.margin: line 5, column 10: expected a duration like "5s", found an integer"#]
+    );
 }

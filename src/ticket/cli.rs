@@ -61,6 +61,10 @@ pub struct ServerArgs {
     /// Where to listen, "127.0.0.1:5000" (port 0: any free port, logged).
     #[arg(long)]
     pub listen: SocketAddr,
+    /// How long a new connection may take to send its request, and any request to arrive
+    /// from its first byte (for tests: the master never sets it).
+    #[arg(long, hide = true, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub request_timeout: Duration,
 }
 
 impl ServerArgs {
@@ -69,7 +73,7 @@ impl ServerArgs {
             eprintln!("presup: {e}");
             return ExitCode::from(2);
         }
-        match server::run(&self.name, self.listen) {
+        match server::run(&self.name, self.listen, self.request_timeout) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");

@@ -27,6 +27,7 @@ pub struct Header {
     pub magic: AtomicU64,
     pub version: AtomicU32,
     pub buckets: AtomicU32,
+    /// The spacing of a bucket's grants: the config's `interval` plus its `margin`.
     pub interval_ns: AtomicU64,
     /// 0: no daily limit (and no ring).
     pub daily_limit: AtomicU64,
@@ -48,6 +49,7 @@ const _: () = assert!(HEADER_LEN == 128);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Params {
     pub buckets: u32,
+    /// The spacing of a bucket's grants: the config's `interval` plus its `margin`.
     pub interval_ns: u64,
     /// 0: none.
     pub daily_limit: u64,

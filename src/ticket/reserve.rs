@@ -2,7 +2,8 @@
 //!
 //! **Buckets.** Slot `b` holds the next free instant of bucket `b`. A reservation at `now`
 //! takes `at = max(now, slot)` and moves the slot to `at + interval`, so grants of one bucket
-//! come in the order they were reserved, each at least `interval` after the one before.
+//! come in the order they were reserved, each at least `interval` after the one before. (The
+//! file's `interval` is the config's `interval` plus its `margin`: see `default_margin`.)
 //! Without a daily limit this is one compare-and-swap: a process killed at any point either
 //! reserved (its turn passes unused) or did not.
 //!

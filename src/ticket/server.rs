@@ -12,26 +12,49 @@
 //! costs nothing: when its turn in the queue comes, it is seen gone and skipped; if it hangs
 //! up while it is the head (seen at once: its socket is polled for the hang-up until the
 //! grant), its reservation is given back to the ticket.
+//!
+//! What a client may hold is bounded ([`table`]): a new connection must send its request within
+//! the request timeout (10 s), a kept-alive one its next request within [`IDLE`]; a request
+//! head (and body) must be complete within the request timeout of its first byte; when the
+//! table is full the connection idle the longest is closed for the new one, and a remote
+//! address holds at most [`table::PER_ADDRESS`] idle ones. A request waiting for its turn is
+//! never cut.
+//! The server raises its soft fd limit to the hard one and sizes its table below it; should
+//! `accept` still run out of fds, a reserve fd is given up to take the connection off the
+//! queue and answer it 503, rather than retrying at once.
 
+mod table;
+
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
+use self::table::{Admit, Table};
 use super::{now, sleep_until, Ticket, TicketError};
 
 /// gateway-queue's answer.
 pub const MESSAGE: &str = "You're free to connect now! :)";
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: u64 = 1 << 20;
+/// At most this many connections (one thread each), fewer if the fd limit says so.
 const MAX_CONNECTIONS: usize = 1024;
-/// An idle kept-alive connection is closed after this.
-const IDLE: Duration = Duration::from_secs(300);
+/// Fds kept out of the table: the listener, stdio, the reserve, connections being closed.
+const FD_RESERVE: u64 = 64;
+/// A kept-alive connection with no request is closed after this (longer than the 90 s that
+/// HTTP client pools such as hyper's keep an idle connection, so that the client, not the
+/// server, is the one to close it).
+pub const IDLE: Duration = Duration::from_secs(300);
+/// The default request timeout: a new connection's first request, and any request from its
+/// first byte, must be complete within it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Warnings about refused connections are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -41,41 +64,142 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-/// Serves ticket `name` (from `PRESUP_TICKET_<NAME>`) on `addr`, forever.
-pub fn run(name: &str, addr: SocketAddr) -> Result<(), ServerError> {
+/// Serves ticket `name` (from `PRESUP_TICKET_<NAME>`) on `addr`, forever. `request_timeout`:
+/// see [`REQUEST_TIMEOUT`].
+pub fn run(name: &str, addr: SocketAddr, request_timeout: Duration) -> Result<(), ServerError> {
     // The master forwards USR1 (log reopening) to singletons; there is nothing to reopen here.
     let mut usr1 = nix::sys::signal::SigSet::empty();
     usr1.add(nix::sys::signal::Signal::SIGUSR1);
     let _ = usr1.thread_block();
     let ticket = Ticket::from_env(name)?;
+    let fds = raise_fd_limit();
+    let capacity = (fds.saturating_sub(FD_RESERVE) as usize).min(MAX_CONNECTIONS);
     let listener = TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
-    info!(ticket = %name, address = %bound, "ticket server listening");
+    let table = Table::new(capacity, table::PER_ADDRESS);
+    let max_connections = table.capacity();
+    info!(ticket = %name, address = %bound, max_connections, "ticket server listening");
     notify_ready(&format!("READY=1\nSTATUS=ticket {name} on http://{bound}/"));
     let buckets = ticket.params().buckets as usize;
     let server = Arc::new(Server {
         name: name.to_owned(),
         ticket,
         queues: (0..buckets).map(|_| Queue::default()).collect(),
-        connections: AtomicUsize::new(0),
+        table: Mutex::new(table),
+        ended: Condvar::new(),
+        request_timeout,
     });
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let server = Arc::clone(&server);
-        if server.connections.fetch_add(1, Relaxed) >= MAX_CONNECTIONS {
-            server.connections.fetch_sub(1, Relaxed);
-            let _ = respond(&mut &stream, "1.1", 503, "too many connections", false, false);
-            continue;
-        }
-        let spawned = std::thread::Builder::new().spawn(move || {
-            server.serve(stream);
-            server.connections.fetch_sub(1, Relaxed);
-        });
-        if let Err(e) = spawned {
-            warn!("cannot start a connection thread: {e}");
+    let mut acceptor = Acceptor { spare: File::open("/dev/null").ok(), warned: None, quiet: 0 };
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => acceptor.admit(&server, stream, peer.ip()),
+            Err(e) => acceptor.failed(&listener, e),
         }
     }
-    Ok(())
+}
+
+/// Raises the soft limit on open fds to the hard one; returns the soft limit now in force.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource::RLIMIT_NOFILE};
+    let Ok((soft, hard)) = getrlimit(RLIMIT_NOFILE) else { return 1024 };
+    if soft < hard && setrlimit(RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+/// The accepting thread's state.
+struct Acceptor {
+    /// An fd held in reserve, given up to accept (and refuse) a connection when out of fds.
+    spare: Option<File>,
+    /// When the last warning about refused connections was logged, and how many were not.
+    warned: Option<Instant>,
+    quiet: u64,
+}
+
+impl Acceptor {
+    /// Serves the new connection `stream` from `peer` on a thread of its own, if there is room
+    /// (made by closing the connection idle the longest, if need be); else answers 503.
+    fn admit(&mut self, server: &Arc<Server>, stream: TcpStream, peer: IpAddr) {
+        let stream = Arc::new(stream);
+        let id = {
+            let mut table = server.table();
+            loop {
+                match table.admit(peer) {
+                    Admit::Refuse => break None,
+                    // A closed connection's thread ends at once: its read returns.
+                    Admit::Wait => {
+                        table = server.ended.wait(table).unwrap_or_else(|p| p.into_inner())
+                    }
+                    admit => {
+                        if let Admit::Evict(old) = admit {
+                            if let Some(s) = table.evict(old) {
+                                // Its thread's read returns at once; the thread closes the fd.
+                                let _ = s.shutdown(Shutdown::Both);
+                                debug!(ticket = %server.name, "idle connection closed to make room");
+                            }
+                        }
+                        break Some(table.insert(peer, Arc::clone(&stream), Instant::now()));
+                    }
+                }
+            }
+        };
+        let Some(id) = id else {
+            let _ = stream.set_nonblocking(true);
+            let _ = respond(&mut &*stream, "1.1", 503, "too many connections", false, false);
+            self.warn(&format!("connection from {peer} refused: every connection is busy"));
+            return;
+        };
+        let thread = Arc::clone(server);
+        let spawned = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || thread.serve(id, stream));
+        if let Err(e) = spawned {
+            server.table().remove(id);
+            server.ended.notify_all();
+            self.warn(&format!("cannot start a connection thread: {e}"));
+        }
+    }
+
+    /// `accept` failed with `e`. Out of fds, the connection at the head of the queue would make
+    /// every `accept` fail at once again: the reserve fd makes room to take it and answer 503.
+    /// Other failures (the network's, memory) pause accepting for a moment.
+    fn failed(&mut self, listener: &TcpListener, e: io::Error) {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => {
+                drop(self.spare.take());
+                if let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(true);
+                    let _ =
+                        respond(&mut &stream, "1.1", 503, "out of file descriptors", false, false);
+                }
+                self.spare = File::open("/dev/null").ok();
+                if self.spare.is_none() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                self.warn(&format!("out of file descriptors ({e}): connection refused"));
+            }
+            Some(libc::EINTR | libc::ECONNABORTED | libc::EAGAIN) => {}
+            _ => {
+                self.warn(&format!("cannot accept a connection: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Logs `what` at most every [`WARN_EVERY`], counting what was not logged.
+    fn warn(&mut self, what: &str) {
+        let now = Instant::now();
+        if self.warned.is_some_and(|at| now < at + WARN_EVERY) {
+            self.quiet += 1;
+            return;
+        }
+        match std::mem::take(&mut self.quiet) {
+            0 => warn!("{what}"),
+            n => warn!("{what} ({n} more such since the last warning)"),
+        }
+        self.warned = Some(now);
+    }
 }
 
 /// Tells the master we are up, if it listens (`NOTIFY_SOCKET`).
@@ -90,7 +214,10 @@ struct Server {
     name: String,
     ticket: Ticket,
     queues: Vec<Queue>,
-    connections: AtomicUsize,
+    table: Mutex<Table<Arc<TcpStream>>>,
+    /// Signalled when a connection's thread has ended, its fd closed.
+    ended: Condvar,
+    request_timeout: Duration,
 }
 
 /// One bucket's waiting requests in this process: a ticket lock (take a number, wait until it
@@ -140,21 +267,48 @@ struct Request {
 }
 
 impl Server {
-    fn serve(&self, mut stream: TcpStream) {
-        let _ = stream.set_read_timeout(Some(IDLE));
+    fn table(&self) -> MutexGuard<'_, Table<Arc<TcpStream>>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves connection `id` until it ends, then takes it out of the table.
+    fn serve(&self, id: u64, stream: Arc<TcpStream>) {
+        let _ = stream.set_write_timeout(Some(self.request_timeout));
+        self.serve_requests(id, &stream);
+        let mut table = self.table();
+        table.remove(id);
+        // The fd is closed before the acceptor, woken, counts the room it leaves.
+        drop(stream);
+        drop(table);
+        self.ended.notify_all();
+    }
+
+    fn serve_requests(&self, id: u64, stream: &TcpStream) {
+        let mut stream = stream;
         let mut buf = Vec::new();
+        let mut wait = self.request_timeout;
         loop {
-            let req = match read_request(&mut stream, &mut buf) {
+            let req = match read_request(stream, &mut buf, wait, self.request_timeout) {
                 Ok(Some(req)) => req,
                 Ok(None) => return,
                 Err(e) => {
-                    if e.kind() == io::ErrorKind::InvalidData {
-                        let _ = respond(&mut stream, "1.1", 400, &e.to_string(), false, false);
+                    match e.kind() {
+                        io::ErrorKind::InvalidData => {
+                            let _ = respond(&mut stream, "1.1", 400, &e.to_string(), false, false);
+                        }
+                        io::ErrorKind::TimedOut => {
+                            debug!(ticket = %self.name, "connection closed: no request in time")
+                        }
+                        _ => {}
                     }
                     return;
                 }
             };
-            if discard_body(&mut stream, &mut buf, req.body).is_err() {
+            if discard_body(stream, &mut buf, req.body, self.request_timeout).is_err() {
+                return;
+            }
+            // Busy from here: never closed to make room. False: it was, just now.
+            if !self.table().set(id, None) {
                 return;
             }
             let shard = match &req.shard {
@@ -168,13 +322,14 @@ impl Server {
                     0
                 }
             };
-            if !self.wait_turn(shard, &stream) {
+            if !self.wait_turn(shard, stream) {
                 return;
             }
             let ok = respond(&mut stream, req.version, 200, MESSAGE, req.keep_alive, req.head_only);
-            if ok.is_err() || !req.keep_alive {
+            if ok.is_err() || !req.keep_alive || !self.table().set(id, Some(Instant::now())) {
                 return;
             }
+            wait = IDLE;
         }
     }
 
@@ -224,8 +379,17 @@ fn hung_up(stream: &TcpStream, wait: Duration) -> bool {
 }
 
 /// Reads one request head from `stream` (bytes already read are in `buf`; what follows the
-/// head stays there). `None`: the client closed the connection between requests.
-fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<Request>> {
+/// head stays there): its first byte within `wait`, all of it within `timeout` of its first
+/// byte (and of `wait`'s end). `None`: the client closed the connection between requests;
+/// `TimedOut`: it was too slow.
+fn read_request(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    wait: Duration,
+    timeout: Duration,
+) -> io::Result<Option<Request>> {
+    let start = Instant::now();
+    let mut deadline = start + if buf.is_empty() { wait } else { wait.min(timeout) };
     let end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
@@ -234,9 +398,12 @@ fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<
             return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too long"));
         }
         let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk)?;
+        let n = read_until(stream, &mut chunk, deadline)?;
         if n == 0 {
             return Ok(None);
+        }
+        if buf.is_empty() {
+            deadline = deadline.min(Instant::now() + timeout);
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -291,15 +458,36 @@ fn query_shard(target: &str) -> Option<Result<u64, String>> {
     Some(raw.parse().map_err(|_| raw.to_owned()))
 }
 
-/// Reads and drops `len` body bytes (some may already be in `buf`).
-fn discard_body(stream: &mut TcpStream, buf: &mut Vec<u8>, len: u64) -> io::Result<()> {
+/// Reads into `chunk` what `stream` has, waiting until `deadline` at most (`TimedOut` then).
+fn read_until(stream: &TcpStream, chunk: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    stream.set_read_timeout(Some(left))?;
+    match (&mut &*stream).read(chunk) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::TimedOut.into()),
+        r => r,
+    }
+}
+
+/// Reads and drops `len` body bytes (some may already be in `buf`), within `timeout`.
+fn discard_body(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    len: u64,
+    timeout: Duration,
+) -> io::Result<()> {
     let have = (buf.len() as u64).min(len);
     buf.drain(..have as usize);
-    let rest = len - have;
-    if rest > 0 {
-        let copied = io::copy(&mut (&mut *stream).take(rest), &mut io::sink())?;
-        if copied < rest {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+    let mut rest = len - have;
+    let deadline = Instant::now() + timeout;
+    let mut chunk = [0u8; 4096];
+    while rest > 0 {
+        let want = rest.min(chunk.len() as u64) as usize;
+        match read_until(stream, &mut chunk[..want], deadline)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => rest -= n as u64,
         }
     }
     Ok(())

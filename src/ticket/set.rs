@@ -194,7 +194,8 @@ fn log_found(name: &str, path: &Path, found: &Found) {
     }
 }
 
-/// A ticket's params from its config, within the sizes a file may have.
+/// A ticket's params from its config, within the sizes a file may have. The spacing of a
+/// bucket's turns is `interval + margin`; the daily window is `daily_period` as configured.
 pub fn params(name: &str, spec: &config::Ticket) -> Result<Params, TicketError> {
     let fail = |why: String| TicketError::Config { name: name.to_owned(), why };
     if spec.buckets == 0 || spec.buckets > MAX_BUCKETS {
@@ -207,7 +208,7 @@ pub fn params(name: &str, spec: &config::Ticket) -> Result<Params, TicketError> 
     let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
     Ok(Params {
         buckets: spec.buckets,
-        interval_ns: ns(spec.interval).max(1),
+        interval_ns: ns(spec.interval.saturating_add(spec.margin)).max(1),
         daily_limit: limit,
         daily_period_ns: if limit > 0 { ns(spec.daily_period).max(1) } else { 0 },
     })

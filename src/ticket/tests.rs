@@ -2,6 +2,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use super::file::test_support::{carry_over, parse_boot_id, State};
 use super::layout::{Header, Params, Shared};
@@ -145,6 +146,32 @@ fn one_bucket_grants_in_reservation_order_an_interval_apart() {
     assert_eq!(m.reserve(0, 200 * S).at, 200 * S);
     assert_eq!(m.view().status(202 * S).buckets, vec![205 * S, 202 * S]);
     assert_eq!(m.header.reservations.load(Relaxed), 5);
+}
+
+#[test]
+fn a_bucket_s_turns_are_its_interval_plus_its_margin_apart() {
+    let spec = |interval: Duration, margin: Duration| crate::config::Ticket {
+        interval,
+        buckets: 1,
+        daily_limit: None,
+        daily_period: Duration::from_secs(86400),
+        http: None,
+        margin,
+        path: None,
+    };
+    let ms = Duration::from_millis;
+    let p = super::set::params("t", &spec(ms(1000), ms(50))).unwrap();
+    assert_eq!(p.interval_ns, 1050 * S / 1000);
+    let m = Mem::new(p);
+    let ats: Vec<u64> = (0..4).map(|_| m.reserve(0, 100 * S).at).collect();
+    let gaps: Vec<u64> = ats.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps, vec![1050 * S / 1000; 3]);
+    // Two callers woken 40 ms and 0 ms late still act 1 s apart or more.
+    assert!((ats[1] - ats[0]) - 40 * S / 1000 >= S);
+    // A margin of 0 is the bare interval; the default is a twentieth, at most 50 ms.
+    assert_eq!(super::set::params("t", &spec(ms(1000), ms(0))).unwrap().interval_ns, S);
+    assert_eq!(super::default_margin(ms(5000)), ms(50));
+    assert_eq!(super::default_margin(ms(100)), ms(5));
 }
 
 #[test]

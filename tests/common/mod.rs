@@ -43,7 +43,8 @@ struct LogState {
 }
 
 impl Log {
-    fn follow(self, pipe: impl std::io::Read + Send + 'static) {
+    /// Collects the lines of `pipe` (a child's stderr) on a thread.
+    pub fn follow(self, pipe: impl std::io::Read + Send + 'static) {
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
