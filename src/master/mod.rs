@@ -11,6 +11,7 @@
 //! way out once the master reached `on_starting`) → the children reparented to the master are killed → exit.
 
 mod children;
+pub mod groups;
 pub mod hooks;
 pub mod pool;
 pub mod singletons;
@@ -37,6 +38,7 @@ use crate::signals::{Event, Signals};
 use crate::spawn::Credentials;
 use crate::systemd;
 use crate::ticket::Tickets;
+use groups::{Groups, Owner};
 use hooks::{HookRun, Outcome, Point};
 use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
 use singletons::Singletons;
@@ -210,6 +212,7 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         pidfile,
         failure: None,
         swept: BTreeSet::new(),
+        groups: Groups::default(),
     };
     info!(pid = std::process::id(), workers = master.pool.target(), "master started");
     let result = master.run_loop();
@@ -254,6 +257,8 @@ struct Master {
     failure: Option<MasterError>,
     /// Leftover processes already sent SIGKILL by the sweep.
     swept: BTreeSet<Pid>,
+    /// Process groups of reaped children that still have members.
+    groups: Groups,
 }
 
 impl Master {
@@ -281,7 +286,8 @@ impl Master {
     fn perform_due_actions(&mut self) {
         loop {
             let now = Instant::now();
-            let mut busy = self.step_hooks(now);
+            let mut busy = self.step_groups(now);
+            busy |= self.step_hooks(now);
             if self.stage.runs_singletons() {
                 busy |= self.step_singletons(now);
             }
@@ -391,7 +397,13 @@ impl Master {
         let sweep =
             (self.stage == Stage::Sweep).then(|| Instant::now() + Duration::from_millis(50));
         let systemd = self.systemd.next_deadline();
-        runs.chain(singletons.flatten()).chain(pool.flatten()).chain(sweep).chain(systemd).min()
+        let groups = self.groups.next_deadline();
+        runs.chain(singletons.flatten())
+            .chain(pool.flatten())
+            .chain(sweep)
+            .chain(systemd)
+            .chain(groups)
+            .min()
     }
 
     // ---- hooks ----
@@ -723,28 +735,134 @@ impl Master {
             let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig)),
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("waitpid: {e}");
-                    return;
+                    break;
                 }
             };
             self.statuses.remove(&pid);
             let now = Instant::now();
             if let Some(exit) = self.pool.exited(pid, status.clone(), now) {
                 log_exit(&exit);
+                let owner = Owner::Worker { slot: exit.slot };
+                if self.group_ended(pid, owner, exit.group_grace, now) {
+                    self.pool.group_outlives(&exit, now);
+                }
                 self.worker_exit_hooks(&exit, now);
             } else if let Some(exit) = self.singletons.exited(pid, status.clone(), now) {
                 let name = &self.singletons.entries()[exit.index].spec.name;
                 log_singleton_exit(name, pid, &exit);
-            } else if !self.hook_exited(pid, &status, now) {
+                let owner = Owner::Singleton { index: exit.index };
+                if self.group_ended(pid, owner, exit.group_grace, now) {
+                    self.singletons.group_outlives(exit.index, pid);
+                }
+            } else if self.hook_exited(pid, &status, now) {
+                self.group_ended(pid, Owner::Hook, None, now);
+            } else {
                 debug!(
                     pid = pid.as_raw(),
                     "reaped a process that is not a child of presup's ({status})"
                 );
             }
         }
+        // Members of draining groups are reparented to the master: this may have emptied some.
+        for pgid in self.groups.draining().collect::<Vec<_>>() {
+            if killpg(pgid, None) == Err(Errno::ESRCH) {
+                if let Some(owner) = self.groups.gone(pgid) {
+                    self.release_group(pgid, owner, "is empty");
+                }
+            }
+        }
+    }
+
+    // ---- what is left of a child's process group ----
+
+    /// The leader `pgid` of a child's process group was reaped: kills what is left of the
+    /// group, now or (a stop under way) at `grace`. Returns whether the group outlives it.
+    ///
+    /// The pid was freed by the reaping; while the group has members its number stays taken
+    /// (it is their pgid), and once it is empty the kernel hands pids out cyclically, so the
+    /// number cannot name another group an instant later.
+    fn group_ended(
+        &mut self,
+        pgid: Pid,
+        owner: Owner,
+        grace: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        if killpg(pgid, None) == Err(Errno::ESRCH) {
+            return false;
+        }
+        // Listed before the kill, which soon turns them into zombies.
+        let left = children::group_members(pgid);
+        let pids: Vec<i32> = left.iter().map(|p| p.as_raw()).collect();
+        let kill = Groups::kill_now(grace, now);
+        if kill {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        let who = self.owner_name(owner);
+        if kill && !pids.is_empty() {
+            warn!(
+                pgid = pgid.as_raw(),
+                ?pids,
+                "{who} exited; killed what was left of its process group"
+            );
+        } else if !pids.is_empty() {
+            info!(pgid = pgid.as_raw(), ?pids, "{who} exited; the rest of its process group gets SIGKILL at the end of its stop timeout");
+        }
+        self.groups.outlived(pgid, owner, grace, now);
+        true
+    }
+
+    fn owner_name(&self, owner: Owner) -> String {
+        match owner {
+            Owner::Worker { slot } => format!("worker of slot {slot}"),
+            Owner::Singleton { index } => match self.singletons.entries().get(index) {
+                Some(e) => format!("singleton {}", e.spec.name),
+                None => "singleton".to_owned(),
+            },
+            Owner::Hook => "hook".to_owned(),
+        }
+    }
+
+    /// A draining group is empty (or given up on): its slot or singleton may start again.
+    fn release_group(&mut self, pgid: Pid, owner: Owner, why: &str) {
+        match owner {
+            Owner::Worker { .. } => {
+                self.pool.group_gone(pgid);
+            }
+            Owner::Singleton { .. } => {
+                self.singletons.group_gone(pgid);
+            }
+            Owner::Hook => {}
+        }
+        debug!(pgid = pgid.as_raw(), "the process group of a {} {why}", self.owner_name(owner));
+    }
+
+    fn step_groups(&mut self, now: Instant) -> bool {
+        let actions = self.groups.step(now);
+        let busy = !actions.is_empty();
+        for action in actions {
+            match action {
+                groups::Action::Kill { pgid, owner } => {
+                    let pids: Vec<i32> =
+                        children::group_members(pgid).iter().map(|p| p.as_raw()).collect();
+                    let who = self.owner_name(owner);
+                    warn!(pgid = pgid.as_raw(), ?pids, "killing what is left of the process group of a {who} (its stop timeout is over)");
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                groups::Action::GiveUp { pgid, owner } => {
+                    let pids: Vec<i32> =
+                        children::group_members(pgid).iter().map(|p| p.as_raw()).collect();
+                    let who = self.owner_name(owner);
+                    error!(pgid = pgid.as_raw(), ?pids, "the process group of a {who} still has processes {}s after SIGKILL (not ours to signal, or not our descendants); no longer waiting for it", groups::DRAIN_GIVE_UP.as_secs());
+                    self.release_group(pgid, owner, "is given up on");
+                }
+            }
+        }
+        busy
     }
 
     fn worker_exit_hooks(&mut self, exit: &Exit, now: Instant) {

@@ -1,0 +1,205 @@
+//! Nothing left behind: what is left of a child's process group when the child exits, and
+//! what is left of everything when the master is killed with `kill -9`.
+//!
+//! The children are `sh -c "sleep N; true"` (the shell forks `sleep` and waits), each marked by
+//! a variable (`LEFTOVER_MARK`, the test's directory) so that the test finds its processes,
+//! grandchildren included, in `/proc/*/environ`.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{alive, wait_until, Dir, Presup, DEADLINE};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The environment of `pid`, as `KEY=VALUE` strings (empty if it is gone).
+fn environ(pid: i32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+}
+
+/// The pids of every live process whose environment holds all of `vars`.
+fn processes_with(vars: &[String]) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let env = environ(pid);
+            vars.iter().all(|v| env.contains(v)) && alive(pid)
+        })
+        .collect()
+}
+
+fn cmdline(pid: i32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_owned()
+}
+
+/// The process's start time, in clock ticks since boot.
+fn start_time(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    after.split_whitespace().nth(19).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// How many of `pids` were alive at one instant: checked newest first, so that an older
+/// process found alive after a newer one was alive at the newer one's check as well.
+fn alive_together(pids: &[i32]) -> Vec<i32> {
+    let mut by_age: Vec<(u64, i32)> = pids.iter().map(|&p| (start_time(p), p)).collect();
+    by_age.sort_by(|a, b| b.cmp(a));
+    by_age.into_iter().filter(|&(_, p)| alive(p)).map(|(_, p)| p).collect()
+}
+
+/// The process group of `pid`.
+fn pgid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    after.split_whitespace().nth(2).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Samples `/proc` in a thread until stopped, recording the largest set of processes holding
+/// all of `vars` alive at one instant in distinct process groups (one child's group is one
+/// instance: the shell and its `sleep`).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    worst: Arc<Mutex<Vec<(i32, String)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(vars: Vec<String>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worst = Arc::new(Mutex::new(Vec::new()));
+        let (s, w) = (stop.clone(), worst.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let found: Vec<(i32, i32)> =
+                    processes_with(&vars).into_iter().map(|p| (p, pgid(p))).collect();
+                let pids: Vec<i32> = found.iter().map(|f| f.0).collect();
+                let together = alive_together(&pids);
+                let mut groups: Vec<i32> =
+                    found.iter().filter(|f| together.contains(&f.0)).map(|f| f.1).collect();
+                groups.sort();
+                groups.dedup();
+                let mut worst = w.lock().unwrap();
+                if groups.len() > worst.len() {
+                    *worst = groups.iter().map(|&g| (g, cmdline(g))).collect();
+                }
+            }
+        });
+        Sampler { stop, worst, thread: Some(thread) }
+    }
+
+    /// Stops sampling; returns the largest set of groups seen alive at once (by leader).
+    fn finish(mut self) -> Vec<(i32, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        self.worst.lock().unwrap().clone()
+    }
+}
+
+/// The pid in a log line's `pid=` field.
+fn pid_field(line: &str) -> i32 {
+    line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The one live child of `parent` (the shell's `sleep`).
+fn only_child(parent: i32) -> i32 {
+    wait_until("the shell's child", DEADLINE, || {
+        let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        kids.split_whitespace().next().and_then(|p| p.parse().ok())
+    })
+}
+
+fn sigkill(pid: i32) {
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+}
+
+/// Kills whatever the test's children left, whatever happened (the old code leaves them).
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in processes_with(std::slice::from_ref(&self.0)) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn mark(dir: &Dir) -> String {
+    format!("LEFTOVER_MARK={}", dir.path().display())
+}
+
+#[test]
+fn a_dead_workers_group_is_killed_before_its_slot_restarts_and_the_primary_stays_one() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    let toml = format!(
+        "[workers]\ncommand = [\"sh\", \"-c\", \"sleep 1001; true\"]\ncount = 2\nmin_uptime = \"100ms\"\nenv = {{ LEFTOVER_MARK = \"{}\" }}\n",
+        dir.path().display()
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    let shell = pid_field(&presup.log.wait_for("worker spawned slot=0"));
+    let sleep = only_child(shell);
+    assert!(cmdline(sleep).starts_with("sleep 1001"), "{}", cmdline(sleep));
+    let sampler = Sampler::start(vec![mark.clone(), "PRESUP_PRIMARY=1".to_owned()]);
+    sigkill(shell);
+    presup.log.wait_for_nth("worker spawned slot=0", 2);
+    assert!(!alive(sleep), "the old primary's sleep {sleep} survives beside its replacement");
+    let replacement = pid_field(&presup.log.wait_for_nth("worker spawned slot=0", 2));
+    only_child(replacement);
+    let worst = sampler.finish();
+    assert!(worst.len() <= 1, "two live processes with PRESUP_PRIMARY=1 at once: {worst:?}");
+    let killed = presup.log.wait_for("killed what was left of its process group");
+    assert!(killed.contains(&sleep.to_string()), "{killed}");
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert_eq!(processes_with(std::slice::from_ref(&mark)), Vec::<i32>::new());
+}
+
+#[test]
+fn a_dead_singletons_group_is_killed_before_it_restarts() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    let toml = format!(
+        "[[singleton]]\nname = \"sched\"\ncommand = [\"sh\", \"-c\", \"sleep 1001; true\"]\nmin_uptime = \"100ms\"\nenv = {{ LEFTOVER_MARK = \"{}\" }}\n",
+        dir.path().display()
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("singleton ready");
+    let shell = pid_field(&presup.log.wait_for("singleton spawned"));
+    let sleep = only_child(shell);
+    let sampler = Sampler::start(vec![mark.clone(), "PRESUP_SINGLETON=sched".to_owned()]);
+    sigkill(shell);
+    let line = presup.log.wait_for_nth("singleton spawned", 2);
+    assert!(!alive(sleep), "the old instance's sleep {sleep} survives beside the new one");
+    only_child(pid_field(&line));
+    let worst = sampler.finish();
+    assert!(worst.len() <= 1, "two instances of the singleton at once: {worst:?}");
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert_eq!(processes_with(std::slice::from_ref(&mark)), Vec::<i32>::new());
+}
+
+#[test]
+fn what_a_finished_hook_leaves_in_its_group_is_killed() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    let toml = format!(
+        "[workers]\ncommand = [\"sleep\", \"1000\"]\nmin_uptime = \"100ms\"\n[hooks]\non_starting = [{{ command = [\"sh\", \"-c\", \"sleep 1002 & echo $! > bg\"], env = {{ LEFTOVER_MARK = \"{}\" }} }}]\n",
+        dir.path().display()
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    let bg: i32 = wait_until("the hook's sleep", DEADLINE, || dir.read("bg").trim().parse().ok());
+    wait_until("the hook's sleep gone", Duration::from_secs(5), || (!alive(bg)).then_some(()));
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
