@@ -203,3 +203,94 @@ fn what_a_finished_hook_leaves_in_its_group_is_killed() {
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
 }
+
+/// The `sleep` processes of the test, by their first argument.
+fn sleeps(mark: &str) -> Vec<(i32, String)> {
+    let mut found: Vec<(i32, String)> = processes_with(&[mark.to_owned()])
+        .into_iter()
+        .map(|p| (p, cmdline(p)))
+        .filter(|(_, c)| c.starts_with("sleep "))
+        .collect();
+    found.sort_by(|a, b| a.1.cmp(&b.1));
+    found
+}
+
+#[test]
+fn a_kill_9_of_the_master_takes_every_group_member_and_with_a_cgroup_setsid_daemons_too() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    let d = dir.path().display();
+    let toml = format!(
+        r#"[workers]
+command = ["sh", "-c", "setsid sleep 1013 & sleep 1011; true"]
+min_uptime = "100ms"
+env = {{ LEFTOVER_MARK = "{d}" }}
+[[singleton]]
+name = "sched"
+command = ["sh", "-c", "sleep 1012; true"]
+min_uptime = "100ms"
+env = {{ LEFTOVER_MARK = "{d}" }}
+[hooks]
+when_ready = [{{ command = ["sh", "-c", "sleep 1014; true"], timeout = "60s", env = {{ LEFTOVER_MARK = "{d}" }} }}]
+"#
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    let watcher = pid_field(&presup.log.wait_for("watcher started"));
+    let cgroup = presup.log.wait_for("cgroup");
+    let with_cgroup = cgroup.contains("children's cgroup created");
+    let found = wait_until("the four sleeps", DEADLINE, || {
+        let s = sleeps(&mark);
+        (s.len() == 4).then_some(s)
+    });
+    let names: Vec<&str> = found.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(names, ["sleep 1011", "sleep 1012", "sleep 1013", "sleep 1014"]);
+    let daemon = found[2].0;
+    let in_groups: Vec<i32> = [0, 1, 3].iter().map(|&i| found[i].0).collect();
+    presup.signal(Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let mut left: Vec<i32> = in_groups.iter().copied().filter(|&p| alive(p)).collect();
+        left.extend([watcher].iter().filter(|&&p| alive(p)));
+        if with_cgroup && alive(daemon) {
+            left.push(daemon);
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alive 1 s after the master's SIGKILL (watcher {watcher}): {:?}",
+            left.iter().map(|&p| (p, cmdline(p))).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if with_cgroup {
+        let path = cgroup.split("path=").nth(1).unwrap().trim().to_owned();
+        wait_until("the cgroup removed", Duration::from_secs(2), || {
+            (!std::path::Path::new(&path).exists()).then_some(())
+        });
+    } else {
+        eprintln!(
+            "SKIPPED the setsid daemon's assertion: no cgroup for the children here ({cgroup})"
+        );
+    }
+    presup.wait_exit();
+}
+
+#[test]
+fn a_clean_stop_ends_the_watcher_and_removes_the_cgroup() {
+    let dir = Dir::new();
+    let toml = "[workers]\ncommand = [\"sleep\", \"1000\"]\nmin_uptime = \"100ms\"\n";
+    let mut presup = Presup::start(&dir, toml);
+    let watcher = pid_field(&presup.log.wait_for("watcher started"));
+    let cgroup = presup.log.wait_for("cgroup");
+    presup.log.wait_for("ready: all workers up");
+    assert!(alive(watcher));
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert!(!alive(watcher), "the watcher outlived a clean stop");
+    if let Some(path) = cgroup.split("path=").nth(1) {
+        assert!(!std::path::Path::new(path.trim()).exists(), "{path} left behind");
+    }
+}

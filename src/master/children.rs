@@ -29,6 +29,8 @@ pub struct Children {
     pub inherited: Environment,
     pub own: Environment,
     pub credentials: Option<Credentials>,
+    /// The children's cgroup's `cgroup.procs`, when the master has one.
+    pub cgroup_procs: Option<RawFd>,
 }
 
 impl Children {
@@ -41,7 +43,12 @@ impl Children {
     }
 
     fn setup(&self, config: &Config, pid_vars: Vec<&'static str>) -> Setup {
-        Setup { pid_vars, umask: config.umask, credentials: self.credentials.clone() }
+        Setup {
+            pid_vars,
+            umask: config.umask,
+            credentials: self.credentials.clone(),
+            cgroup_procs: self.cgroup_procs,
+        }
     }
 
     pub fn worker(

@@ -38,6 +38,7 @@ use crate::signals::{Event, Signals};
 use crate::spawn::Credentials;
 use crate::systemd;
 use crate::ticket::Tickets;
+use crate::watcher::{Cgroup, Watcher};
 use groups::{Groups, Owner};
 use hooks::{HookRun, Outcome, Point};
 use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
@@ -140,6 +141,19 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
     let setup = |what: &str, e: String| MasterError::Setup(format!("{what}: {e}"));
     // First, before any fd is opened: the sockets systemd passed, made close-on-exec.
     let inherited = systemd::inherited_listeners().map_err(BindError::from)?;
+    // Then, before any child: the watcher, which kills what a master killed with kill -9
+    // leaves behind (forked before the preload and the signal handlers).
+    let cgroup = match Cgroup::create() {
+        Ok(c) => {
+            info!(path = %c.dir().display(), "children's cgroup created");
+            Some(c)
+        }
+        Err(why) => {
+            info!("no cgroup for the children ({why}): a process that leaves its process group (setsid) is not killed with a master killed by kill -9");
+            None
+        }
+    };
+    let watcher = Watcher::start(cgroup).map_err(|e| setup("watcher", e.to_string()))?;
     let systemd = systemd::Manager::from_env(Instant::now());
     let signals = Signals::install().map_err(|e| setup("signal handlers", e.to_string()))?;
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| setup("subreaper", e.to_string()))?;
@@ -201,6 +215,7 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
             inherited: Environment::inherited(std::env::vars()),
             own,
             credentials,
+            cgroup_procs: watcher.cgroup().map(Cgroup::procs_fd),
         },
         statuses: BTreeMap::new(),
         config,
@@ -213,6 +228,7 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         failure: None,
         swept: BTreeSet::new(),
         groups: Groups::default(),
+        watcher,
     };
     info!(pid = std::process::id(), workers = master.pool.target(), "master started");
     let result = master.run_loop();
@@ -259,6 +275,8 @@ struct Master {
     swept: BTreeSet<Pid>,
     /// Process groups of reaped children that still have members.
     groups: Groups,
+    /// Told of every child's process group; kills them if the master is killed.
+    watcher: Watcher,
 }
 
 impl Master {
@@ -378,11 +396,16 @@ impl Master {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
         ];
-        match nix::poll::poll(&mut fds, timeout) {
+        // Messages the watcher's full pipe did not take yet.
+        fds.extend(self.watcher.pending().map(|fd| PollFd::new(fd, PollFlags::POLLOUT)));
+        let polled = nix::poll::poll(&mut fds, timeout);
+        drop(fds);
+        self.watcher.flush();
+        match polled {
             Ok(_) | Err(Errno::EINTR) => Ok(()),
             Err(e) => Err(MasterError::Runtime(format!("poll: {e}"))),
         }
@@ -462,6 +485,7 @@ impl Master {
         let point = r.point.name();
         match result {
             Ok(pid) => {
+                self.watcher.watch(pid);
                 info!(hook = point, pid = pid.as_raw(), attempt, command = %hook.command.join(" "), "hook started");
                 self.runs[run].spawned(pid, now);
             }
@@ -520,6 +544,7 @@ impl Master {
                     let spec = &self.singletons.entries()[index].spec;
                     match self.children.singleton(spec, &self.config) {
                         Ok(pid) => {
+                            self.watcher.watch(pid);
                             info!(singleton = %spec.name, pid = pid.as_raw(), "singleton spawned");
                             self.singletons.spawned(index, pid, now);
                         }
@@ -642,12 +667,14 @@ impl Master {
                 close.push(self.notify.as_fd().as_raw_fd());
                 close.extend(self.systemd.raw_fd());
                 close.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
+                close.extend(self.watcher.raw_fds());
                 let at = children::At { slot, count, generation };
                 self.children.forked_worker(at, &self.config, &self.listeners, worker, &close)
             }
         };
         match result {
             Ok(pid) => {
+                self.watcher.watch(pid);
                 info!(slot, pid = pid.as_raw(), generation, "worker spawned");
                 self.pool.spawned(slot, generation, pid, now);
             }
@@ -760,6 +787,7 @@ impl Master {
                 }
             } else if self.hook_exited(pid, &status, now) {
                 self.group_ended(pid, Owner::Hook, None, now);
+            } else if self.watcher.exited(pid, &status.to_string()) {
             } else {
                 debug!(
                     pid = pid.as_raw(),
@@ -793,6 +821,7 @@ impl Master {
         now: Instant,
     ) -> bool {
         if killpg(pgid, None) == Err(Errno::ESRCH) {
+            self.watcher.forget(pgid);
             return false;
         }
         // Listed before the kill, which soon turns them into zombies.
@@ -829,6 +858,7 @@ impl Master {
 
     /// A draining group is empty (or given up on): its slot or singleton may start again.
     fn release_group(&mut self, pgid: Pid, owner: Owner, why: &str) {
+        self.watcher.forget(pgid);
         match owner {
             Owner::Worker { .. } => {
                 self.pool.group_gone(pgid);
@@ -1044,7 +1074,9 @@ impl Master {
     /// master is a subreaper) after their parent, a singleton or a worker, exited. Returns
     /// whether any child is left (killed ones until they are reaped).
     fn kill_orphans(&mut self) -> bool {
-        let left = children::of(std::process::id());
+        let mut left = children::of(std::process::id());
+        // The watcher lives until the master exits.
+        left.retain(|&p| Some(p) != self.watcher.pid());
         // A zombie (a spawn that failed after fork, say) only waits for the reaper.
         for &pid in left.iter().filter(|&&p| !children::is_zombie(p)) {
             if self.swept.insert(pid) {
