@@ -105,12 +105,13 @@ fn pid_field(line: &str) -> i32 {
     line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
 }
 
-/// The one live child of `parent` (the shell's `sleep`).
+/// The shell's `sleep`: its child, once it has exec'd (it runs as a copy of `sh` before).
 fn only_child(parent: i32) -> i32 {
-    wait_until("the shell's child", DEADLINE, || {
+    wait_until("the shell's sleep", DEADLINE, || {
         let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
             .unwrap_or_default();
-        kids.split_whitespace().next().and_then(|p| p.parse().ok())
+        let kid = kids.split_whitespace().next().and_then(|p| p.parse().ok())?;
+        cmdline(kid).starts_with("sleep ").then_some(kid)
     })
 }
 
