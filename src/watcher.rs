@@ -25,8 +25,8 @@
 //! most `PIPE_BUF` bytes (atomic: all or `EAGAIN`), and what does not fit waits in an
 //! [`Outbox`] that the loop flushes when `poll` says the pipe is writable. The outbox stays
 //! bounded even if the watcher is stopped: forgetting a group whose announcement is still
-//! queued cancels both. A watcher that dies is restarted (its table replayed), at most once a
-//! second.
+//! queued cancels both. A watcher that dies is restarted (its table replayed), unless it and
+//! the one before it each died within a second of their start.
 #![allow(unsafe_code)]
 
 mod cgroup;
@@ -175,6 +175,8 @@ pub struct Watcher {
     watched: BTreeSet<i32>,
     outbox: Outbox,
     started: Instant,
+    /// The last watcher died within a second of its start.
+    died_young: bool,
     full_warned: bool,
 }
 
@@ -188,6 +190,7 @@ impl Watcher {
             watched: BTreeSet::new(),
             outbox: Outbox::default(),
             started: Instant::now(),
+            died_young: false,
             full_warned: false,
         };
         w.fork()?;
@@ -234,6 +237,11 @@ impl Watcher {
         }
     }
 
+    /// Whether the watcher is to kill `pgid`'s group.
+    pub fn watches(&self, pgid: Pid) -> bool {
+        self.watched.contains(&pgid.as_raw())
+    }
+
     /// A child's process group is empty.
     pub fn forget(&mut self, pgid: Pid) {
         if self.watched.remove(&pgid.as_raw()) {
@@ -271,7 +279,8 @@ impl Watcher {
         }
         self.pid = None;
         self.pipe = None;
-        if self.started.elapsed() < Duration::from_secs(1) {
+        let young = self.started.elapsed() < Duration::from_secs(1);
+        if std::mem::replace(&mut self.died_young, young) && young {
             error!(pid = pid.as_raw(), "the watcher {status} again within a second; not restarted: grandchildren will outlive a kill -9 of the master");
             return true;
         }

@@ -295,3 +295,26 @@ fn a_clean_stop_ends_the_watcher_and_removes_the_cgroup() {
         assert!(!std::path::Path::new(path.trim()).exists(), "{path} left behind");
     }
 }
+
+#[test]
+fn a_killed_watcher_is_replaced_and_the_new_one_knows_every_group() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    let toml = format!(
+        "[workers]\ncommand = [\"sh\", \"-c\", \"sleep 1041; true\"]\nmin_uptime = \"100ms\"\nenv = {{ LEFTOVER_MARK = \"{}\" }}\n",
+        dir.path().display()
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    let first = presup.watcher_pid();
+    let sleep = only_child(pid_field(&presup.log.wait_for("worker spawned slot=0")));
+    sigkill(first);
+    let second = pid_field(&presup.log.wait_for_nth("watcher started", 2));
+    assert_ne!(first, second);
+    presup.signal(Signal::SIGKILL);
+    wait_until("the sleep and the new watcher gone", Duration::from_secs(1), || {
+        (!alive(sleep) && !alive(second)).then_some(())
+    });
+    presup.wait_exit();
+}

@@ -159,7 +159,10 @@ fn term_hup_and_hooks_behave_as_in_exec_mode() {
     };
     let watcher = fds(presup.watcher_pid());
     let worker = fds(pid_of(&body));
-    assert!(worker.iter().all(|l| !watcher.contains(l) && !l.ends_with("cgroup.procs")), "{worker:?}");
+    assert!(
+        worker.iter().all(|l| !watcher.contains(l) && !l.ends_with("cgroup.procs")),
+        "{worker:?}"
+    );
     let env = |name: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -25,9 +25,15 @@ pub const DRAIN_GIVE_UP: Duration = Duration::from_secs(5);
 /// Whose group it is, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
-    Worker { slot: usize },
-    Singleton { index: usize },
+    Worker {
+        slot: usize,
+    },
+    Singleton {
+        index: usize,
+    },
     Hook,
+    /// A child the master started that none of the above claims.
+    Other,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -787,8 +787,10 @@ impl Master {
                 }
             } else if self.hook_exited(pid, &status, now) {
                 self.group_ended(pid, Owner::Hook, None, now);
-            } else if self.watcher.exited(pid, &status.to_string()) {
-            } else {
+            } else if self.watcher.watches(pid) {
+                // A child whose owner let it go (none does today): its group still goes.
+                self.group_ended(pid, Owner::Other, None, now);
+            } else if !self.watcher.exited(pid, &status.to_string()) {
                 debug!(
                     pid = pid.as_raw(),
                     "reaped a process that is not a child of presup's ({status})"
@@ -853,6 +855,7 @@ impl Master {
                 None => "singleton".to_owned(),
             },
             Owner::Hook => "hook".to_owned(),
+            Owner::Other => "child".to_owned(),
         }
     }
 
@@ -866,7 +869,7 @@ impl Master {
             Owner::Singleton { .. } => {
                 self.singletons.group_gone(pgid);
             }
-            Owner::Hook => {}
+            Owner::Hook | Owner::Other => {}
         }
         debug!(pgid = pgid.as_raw(), "the process group of a {} {why}", self.owner_name(owner));
     }
