@@ -17,7 +17,8 @@
 //! only module that forks or execs; [`signals`] turns signals into counted events;
 //! [`pidfile`] holds the pidfile lock; [`directory`] makes files without following symlinks; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
 //! systemd (notifications, socket activation); [`environment`] builds what a child is given;
-//! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`].
+//! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`];
+//! [`watcher`] kills what a master killed with `kill -9` leaves behind.
 
 #![deny(unsafe_code)]
 
@@ -36,3 +37,4 @@ pub mod signals;
 pub mod spawn;
 pub mod systemd;
 pub mod ticket;
+pub mod watcher;

@@ -7,7 +7,8 @@
 //! its errno to a close-on-exec pipe and `_exit`s with 127; the master reads that pipe once
 //! (it closes at a successful `execve`) and turns it into a [`SpawnError`].
 //!
-//! What every child gets, in order: its own process group; default signal dispositions and an
+//! What every child gets, in order: its own process group; the children's cgroup, when the
+//! master has one ([`crate::watcher::Cgroup`]); default signal dispositions and an
 //! empty signal mask; the umask; its user and groups; `PR_SET_PDEATHSIG(SIGKILL)` followed by a `getppid()`
 //! re-check (so a master that died during the fork cannot leave an orphan); its directory; the
 //! listeners at fds 3, 4, ...; every other fd above them marked close-on-exec; and, when asked,
@@ -54,6 +55,7 @@ pub struct Command {
     pid_vars: Vec<(usize, usize)>,
     umask: Option<u32>,
     credentials: Option<Credentials>,
+    cgroup_procs: Option<RawFd>,
 }
 
 /// How every child of a kind is set up, beyond its command and environment.
@@ -65,6 +67,8 @@ pub struct Setup {
     pub umask: Option<u32>,
     /// Drop to these before exec (the master may keep root).
     pub credentials: Option<Credentials>,
+    /// The children's cgroup's `cgroup.procs` (open for writing): the child joins it first.
+    pub cgroup_procs: Option<RawFd>,
 }
 
 /// The user and groups a child runs as.
@@ -165,6 +169,7 @@ impl Command {
             pid_vars,
             umask: setup.umask,
             credentials: setup.credentials.clone(),
+            cgroup_procs: setup.cgroup_procs,
         })
     }
 
@@ -191,6 +196,7 @@ impl Command {
             pid_slots: &pid_slots,
             umask: self.umask,
             credentials: self.credentials.as_ref(),
+            cgroup_procs: self.cgroup_procs,
             parent: nix::unistd::getpid().as_raw(),
             report: err_write.as_raw_fd(),
         };
@@ -259,6 +265,7 @@ struct ChildPlan<'a> {
     pid_slots: &'a [*mut u8],
     umask: Option<u32>,
     credentials: Option<&'a Credentials>,
+    cgroup_procs: Option<RawFd>,
     parent: libc::pid_t,
     report: RawFd,
 }
@@ -304,6 +311,7 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     let common = Common {
         umask: plan.umask,
         credentials: plan.credentials,
+        cgroup_procs: plan.cgroup_procs,
         parent: plan.parent,
         dir: plan.dir,
     };
@@ -337,6 +345,7 @@ unsafe fn report_and_exit(report: RawFd, step: Step) -> ! {
 struct Common<'a> {
     umask: Option<u32>,
     credentials: Option<&'a Credentials>,
+    cgroup_procs: Option<RawFd>,
     parent: libc::pid_t,
     dir: *const libc::c_char,
 }
@@ -349,6 +358,11 @@ impl Common<'_> {
     unsafe fn apply(&self) -> Result<(), Step> {
         if libc::setpgid(0, 0) != 0 {
             return Err(Step::Group);
+        }
+        // Before anything can fork, and while still privileged. Best effort: without it the
+        // child is still covered by its process group.
+        if let Some(fd) = self.cgroup_procs {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
         }
         for signo in 1..libc::SIGRTMAX() {
             if signo != libc::SIGKILL && signo != libc::SIGSTOP {
@@ -397,6 +411,7 @@ pub fn fork_call(
     let common = Common {
         umask: setup.umask,
         credentials: setup.credentials.as_ref(),
+        cgroup_procs: setup.cgroup_procs,
         parent: nix::unistd::getpid().as_raw(),
         dir: dir_c.as_ptr(),
     };
@@ -423,6 +438,40 @@ pub fn fork_call(
     match read_report(err_read) {
         None => Ok(pid),
         Some((step, errno)) => Err(step.error(None, dir, io::Error::from_raw_os_error(errno))),
+    }
+}
+
+/// Forks a helper of the master (the [`crate::watcher`]) that runs `body` with every signal
+/// blocked (only SIGKILL and SIGSTOP reach it), in its own process group (a signal to the
+/// master's group does not take it), in `/`, with every fd closed but `keep`. `body` makes only
+/// async-signal-safe calls and never returns (if it did, the helper would exit 127).
+pub fn fork_helper(keep: RawFd, body: impl FnOnce()) -> Result<Pid, SpawnError> {
+    fork_blocked(|| {
+        // SAFETY: in the freshly forked child of the single-threaded master; async-signal-safe
+        // calls only. The signal mask stays the full one fork_blocked set.
+        unsafe {
+            libc::setpgid(0, 0);
+            libc::chdir(c"/".as_ptr());
+            let keep = keep as libc::c_uint;
+            if keep > 0 {
+                close_range(0, keep - 1);
+            }
+            close_range(keep + 1, libc::c_uint::MAX);
+        }
+        body()
+    })
+    .map_err(SpawnError::Fork)
+}
+
+/// Closes the fds `first..=last`, with a loop where the kernel lacks close_range.
+///
+/// # Safety
+/// Closes fds that others may own: only in a forked child.
+unsafe fn close_range(first: libc::c_uint, last: libc::c_uint) {
+    if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
+        for fd in first..last.min(4096) {
+            libc::close(fd as RawFd);
+        }
     }
 }
 

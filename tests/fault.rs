@@ -241,6 +241,7 @@ fn the_master_survives_half_a_minute_of_chaos_and_converges() {
         .unwrap()
         .parse()
         .unwrap();
+    let watcher = presup.watcher_pid();
     let settled = wait_until("the workers to converge", Duration::from_secs(60), || {
         let kids = children(master);
         let w: Vec<&Child> = kids.iter().filter(|c| c.is_worker()).collect();
@@ -248,8 +249,10 @@ fn the_master_survives_half_a_minute_of_chaos_and_converges() {
         let converged = w.len() == TARGET
             && w.iter().all(|c| c.var("PRESUP_GENERATION") == Some(gen.as_str()))
             && kids.iter().all(|c| c.state != 'Z')
-            // Only the workers and the singleton: every hang hook was killed and reaped.
-            && kids.len() == TARGET + 1
+            // Only the workers, the singleton and the watcher: every hang hook was killed and
+            // reaped.
+            && kids.len() == TARGET + 2
+            && kids.iter().any(|c| c.pid == watcher)
             && presup.log.count(&format!("reload done: every worker runs the new generation generation={generation}")) == 1;
         converged.then_some(w.iter().map(|c| c.pid).collect::<Vec<_>>())
     });

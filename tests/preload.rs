@@ -186,6 +186,21 @@ fn term_hup_and_hooks_behave_as_in_exec_mode() {
     // The workers see the variables of an exec'd worker.
     let body = get(port, "/");
     assert!(body.contains("generation 1") && body.contains("entries 1048576"), "{body}");
+    // The watcher's pipe (its only fd) reaches no forked worker, nor the master's
+    // cgroup.procs: a worker forked without exec closes them.
+    let fds = |pid: i32| -> Vec<String> {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+        dir.flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.display().to_string())
+            .collect()
+    };
+    let watcher = fds(presup.watcher_pid());
+    let worker = fds(pid_of(&body));
+    assert!(
+        worker.iter().all(|l| !watcher.contains(l) && !l.ends_with("cgroup.procs")),
+        "{worker:?}"
+    );
     let env = |name: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -29,6 +29,8 @@ pub struct Children {
     pub inherited: Environment,
     pub own: Environment,
     pub credentials: Option<Credentials>,
+    /// The children's cgroup's `cgroup.procs`, when the master has one.
+    pub cgroup_procs: Option<RawFd>,
 }
 
 impl Children {
@@ -41,7 +43,12 @@ impl Children {
     }
 
     fn setup(&self, config: &Config, pid_vars: Vec<&'static str>) -> Setup {
-        Setup { pid_vars, umask: config.umask, credentials: self.credentials.clone() }
+        Setup {
+            pid_vars,
+            umask: config.umask,
+            credentials: self.credentials.clone(),
+            cgroup_procs: self.cgroup_procs,
+        }
     }
 
     pub fn worker(
@@ -167,6 +174,21 @@ pub fn of(pid: u32) -> Vec<Pid> {
 pub fn is_zombie(pid: Pid) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()) == Some("Z")
+}
+
+/// The live (not zombie) members of process group `pgid`, for the log.
+pub fn group_members(pgid: Pid) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+            pgrp == Some(pgid.as_raw()) && !matches!(state, Some("Z") | Some("X") | None)
+        })
+        .map(Pid::from_raw)
+        .collect()
 }
 
 /// The slow way, for kernels without `/proc/PID/task/TID/children`.

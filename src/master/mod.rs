@@ -11,6 +11,7 @@
 //! way out once the master reached `on_starting`) → the children reparented to the master are killed → exit.
 
 mod children;
+pub mod groups;
 pub mod hooks;
 mod log_limit;
 pub mod pool;
@@ -38,6 +39,8 @@ use crate::signals::{Event, Signals};
 use crate::spawn::Credentials;
 use crate::systemd;
 use crate::ticket::Tickets;
+use crate::watcher::{Cgroup, Watcher};
+use groups::{Groups, Owner};
 use hooks::{HookRun, Outcome, Point};
 use log_limit::{LogLimit, StatusLog};
 use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
@@ -142,6 +145,19 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
     let setup = |what: &str, e: String| MasterError::Setup(format!("{what}: {e}"));
     // First, before any fd is opened: the sockets systemd passed, made close-on-exec.
     let inherited = systemd::inherited_listeners().map_err(BindError::from)?;
+    // Then, before any child: the watcher, which kills what a master killed with kill -9
+    // leaves behind (forked before the preload and the signal handlers).
+    let cgroup = match Cgroup::create() {
+        Ok(c) => {
+            info!(path = %c.dir().display(), "children's cgroup created");
+            Some(c)
+        }
+        Err(why) => {
+            info!("no cgroup for the children ({why}): a process that leaves its process group (setsid) is not killed with a master killed by kill -9");
+            None
+        }
+    };
+    let watcher = Watcher::start(cgroup).map_err(|e| setup("watcher", e.to_string()))?;
     let systemd = systemd::Manager::from_env(Instant::now());
     let signals = Signals::install().map_err(|e| setup("signal handlers", e.to_string()))?;
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| setup("subreaper", e.to_string()))?;
@@ -203,6 +219,7 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
             inherited: Environment::inherited(std::env::vars()),
             own,
             credentials,
+            cgroup_procs: watcher.cgroup().map(Cgroup::procs_fd),
         },
         statuses: BTreeMap::new(),
         rejected_notifications: LogLimit::new(log_limit::REJECTED_EVERY),
@@ -215,6 +232,8 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         pidfile,
         failure: None,
         swept: BTreeSet::new(),
+        groups: Groups::default(),
+        watcher,
     };
     info!(pid = std::process::id(), workers = master.pool.target(), "master started");
     let result = master.run_loop();
@@ -261,6 +280,10 @@ struct Master {
     failure: Option<MasterError>,
     /// Leftover processes already sent SIGKILL by the sweep.
     swept: BTreeSet<Pid>,
+    /// Process groups of reaped children that still have members.
+    groups: Groups,
+    /// Told of every child's process group; kills them if the master is killed.
+    watcher: Watcher,
 }
 
 impl Master {
@@ -288,7 +311,8 @@ impl Master {
     fn perform_due_actions(&mut self) {
         loop {
             let now = Instant::now();
-            let mut busy = self.step_hooks(now);
+            let mut busy = self.step_groups(now);
+            busy |= self.step_hooks(now);
             if self.stage.runs_singletons() {
                 busy |= self.step_singletons(now);
             }
@@ -379,11 +403,16 @@ impl Master {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
         ];
-        match nix::poll::poll(&mut fds, timeout) {
+        // Messages the watcher's full pipe did not take yet.
+        fds.extend(self.watcher.pending().map(|fd| PollFd::new(fd, PollFlags::POLLOUT)));
+        let polled = nix::poll::poll(&mut fds, timeout);
+        drop(fds);
+        self.watcher.flush();
+        match polled {
             Ok(_) | Err(Errno::EINTR) => Ok(()),
             Err(e) => Err(MasterError::Runtime(format!("poll: {e}"))),
         }
@@ -398,7 +427,13 @@ impl Master {
         let sweep =
             (self.stage == Stage::Sweep).then(|| Instant::now() + Duration::from_millis(50));
         let systemd = self.systemd.next_deadline();
-        runs.chain(singletons.flatten()).chain(pool.flatten()).chain(sweep).chain(systemd).min()
+        let groups = self.groups.next_deadline();
+        runs.chain(singletons.flatten())
+            .chain(pool.flatten())
+            .chain(sweep)
+            .chain(systemd)
+            .chain(groups)
+            .min()
     }
 
     // ---- hooks ----
@@ -457,6 +492,7 @@ impl Master {
         let point = r.point.name();
         match result {
             Ok(pid) => {
+                self.watcher.watch(pid);
                 info!(hook = point, pid = pid.as_raw(), attempt, command = %hook.command.join(" "), "hook started");
                 self.runs[run].spawned(pid, now);
             }
@@ -515,6 +551,7 @@ impl Master {
                     let spec = &self.singletons.entries()[index].spec;
                     match self.children.singleton(spec, &self.config) {
                         Ok(pid) => {
+                            self.watcher.watch(pid);
                             info!(singleton = %spec.name, pid = pid.as_raw(), "singleton spawned");
                             self.singletons.spawned(index, pid, now);
                         }
@@ -643,12 +680,14 @@ impl Master {
                 close.push(self.notify.as_fd().as_raw_fd());
                 close.extend(self.systemd.raw_fd());
                 close.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
+                close.extend(self.watcher.raw_fds());
                 let at = children::At { slot, count, generation };
                 self.children.forked_worker(at, &self.config, &self.listeners, worker, &close)
             }
         };
         match result {
             Ok(pid) => {
+                self.watcher.watch(pid);
                 info!(slot, pid = pid.as_raw(), generation, "worker spawned");
                 self.pool.spawned(slot, generation, pid, now);
             }
@@ -781,28 +820,140 @@ impl Master {
             let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig)),
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("waitpid: {e}");
-                    return;
+                    break;
                 }
             };
             self.statuses.remove(&pid);
             let now = Instant::now();
             if let Some(exit) = self.pool.exited(pid, status.clone(), now) {
                 log_exit(&exit);
+                let owner = Owner::Worker { slot: exit.slot };
+                if self.group_ended(pid, owner, exit.group_grace, now) {
+                    self.pool.group_outlives(&exit, now);
+                }
                 self.worker_exit_hooks(&exit, now);
             } else if let Some(exit) = self.singletons.exited(pid, status.clone(), now) {
                 let name = &self.singletons.entries()[exit.index].spec.name;
                 log_singleton_exit(name, pid, &exit);
-            } else if !self.hook_exited(pid, &status, now) {
+                let owner = Owner::Singleton { index: exit.index };
+                if self.group_ended(pid, owner, exit.group_grace, now) {
+                    self.singletons.group_outlives(exit.index, pid);
+                }
+            } else if self.hook_exited(pid, &status, now) {
+                self.group_ended(pid, Owner::Hook, None, now);
+            } else if self.watcher.watches(pid) {
+                // A child whose owner let it go (none does today): its group still goes.
+                self.group_ended(pid, Owner::Other, None, now);
+            } else if !self.watcher.exited(pid, &status.to_string()) {
                 debug!(
                     pid = pid.as_raw(),
                     "reaped a process that is not a child of presup's ({status})"
                 );
             }
         }
+        // Members of draining groups are reparented to the master: this may have emptied some.
+        for pgid in self.groups.draining().collect::<Vec<_>>() {
+            if killpg(pgid, None) == Err(Errno::ESRCH) {
+                if let Some(owner) = self.groups.gone(pgid) {
+                    self.release_group(pgid, owner, "is empty");
+                }
+            }
+        }
+    }
+
+    // ---- what is left of a child's process group ----
+
+    /// The leader `pgid` of a child's process group was reaped: kills what is left of the
+    /// group, now or (a stop under way) at `grace`. Returns whether the group outlives it.
+    ///
+    /// The pid was freed by the reaping; while the group has members its number stays taken
+    /// (it is their pgid), and once it is empty the kernel hands pids out cyclically, so the
+    /// number cannot name another group an instant later.
+    fn group_ended(
+        &mut self,
+        pgid: Pid,
+        owner: Owner,
+        grace: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        if killpg(pgid, None) == Err(Errno::ESRCH) {
+            self.watcher.forget(pgid);
+            return false;
+        }
+        // Listed before the kill, which soon turns them into zombies.
+        let left = children::group_members(pgid);
+        let pids: Vec<i32> = left.iter().map(|p| p.as_raw()).collect();
+        let kill = Groups::kill_now(grace, now);
+        if kill {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        let who = self.owner_name(owner);
+        if kill && !pids.is_empty() {
+            warn!(
+                pgid = pgid.as_raw(),
+                ?pids,
+                "{who} exited; killed what was left of its process group"
+            );
+        } else if !pids.is_empty() {
+            info!(pgid = pgid.as_raw(), ?pids, "{who} exited; the rest of its process group gets SIGKILL at the end of its stop timeout");
+        }
+        self.groups.outlived(pgid, owner, grace, now);
+        true
+    }
+
+    fn owner_name(&self, owner: Owner) -> String {
+        match owner {
+            Owner::Worker { slot } => format!("worker of slot {slot}"),
+            Owner::Singleton { index } => match self.singletons.entries().get(index) {
+                Some(e) => format!("singleton {}", e.spec.name),
+                None => "singleton".to_owned(),
+            },
+            Owner::Hook => "hook".to_owned(),
+            Owner::Other => "child".to_owned(),
+        }
+    }
+
+    /// A draining group is empty (or given up on): its slot or singleton may start again.
+    fn release_group(&mut self, pgid: Pid, owner: Owner, why: &str) {
+        self.watcher.forget(pgid);
+        match owner {
+            Owner::Worker { .. } => {
+                self.pool.group_gone(pgid);
+            }
+            Owner::Singleton { .. } => {
+                self.singletons.group_gone(pgid);
+            }
+            Owner::Hook | Owner::Other => {}
+        }
+        debug!(pgid = pgid.as_raw(), "the process group of a {} {why}", self.owner_name(owner));
+    }
+
+    fn step_groups(&mut self, now: Instant) -> bool {
+        let actions = self.groups.step(now);
+        let busy = !actions.is_empty();
+        for action in actions {
+            match action {
+                groups::Action::Kill { pgid, owner } => {
+                    let pids: Vec<i32> =
+                        children::group_members(pgid).iter().map(|p| p.as_raw()).collect();
+                    let who = self.owner_name(owner);
+                    warn!(pgid = pgid.as_raw(), ?pids, "killing what is left of the process group of a {who} (its stop timeout is over)");
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                groups::Action::GiveUp { pgid, owner } => {
+                    let pids: Vec<i32> =
+                        children::group_members(pgid).iter().map(|p| p.as_raw()).collect();
+                    let who = self.owner_name(owner);
+                    error!(pgid = pgid.as_raw(), ?pids, "the process group of a {who} still has processes {}s after SIGKILL (not ours to signal, or not our descendants); no longer waiting for it", groups::DRAIN_GIVE_UP.as_secs());
+                    self.release_group(pgid, owner, "is given up on");
+                }
+            }
+        }
+        busy
     }
 
     fn worker_exit_hooks(&mut self, exit: &Exit, now: Instant) {
@@ -990,7 +1141,9 @@ impl Master {
     /// master is a subreaper) after their parent, a singleton or a worker, exited. Returns
     /// whether any child is left (killed ones until they are reaped).
     fn kill_orphans(&mut self) -> bool {
-        let left = children::of(std::process::id());
+        let mut left = children::of(std::process::id());
+        // The watcher lives until the master exits.
+        left.retain(|&p| Some(p) != self.watcher.pid());
         // A zombie (a spawn that failed after fork, say) only waits for the reaper.
         for &pid in left.iter().filter(|&&p| !children::is_zombie(p)) {
             if self.swept.insert(pid) {

@@ -11,8 +11,10 @@
 //! - a slot restarts after a death at its [`Backoff`]'s instant;
 //! - a reload replaces slots one batch at a time, each old worker stopped only once its new
 //!   worker is up, slot 0 last;
-//! - slot 0 (the primary) never has two live processes: its old process is gone before a new
-//!   one is spawned;
+//! - slot 0 (the primary) never has two live processes: its old process, and every process
+//!   of its old process group, is gone before a new one is spawned;
+//! - no slot gets a new worker while the process group of its last one still has members
+//!   ([`Life::Draining`]);
 //! - during the boot, a slot that fails to come up `boot_attempts` times in a row fails the
 //!   boot;
 //! - a fork that fails for want of resources (the process limit, memory) pauses every spawn,
@@ -91,6 +93,9 @@ pub enum Life {
     Up { since: Instant, watchdog_at: Option<Instant> },
     /// Sent its stop signal; SIGKILL to its group at `kill_at` unless `killed` already.
     Stopping { why: StopWhy, kill_at: Instant, killed: bool, was_up: bool },
+    /// Reaped, but its process group still has members (being killed): the slot waits for
+    /// [`Pool::group_gone`]. Keyed by the old pid, which is the group's id.
+    Draining,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +109,7 @@ pub struct Worker {
 
 impl Worker {
     fn live(&self) -> bool {
-        !matches!(self.life, Life::Stopping { .. })
+        !matches!(self.life, Life::Stopping { .. } | Life::Draining)
     }
     pub fn up(&self) -> bool {
         matches!(self.life, Life::Up { .. })
@@ -159,6 +164,10 @@ pub struct Exit {
     pub cause: Cause,
     /// When the slot will get a new worker, if it needs one.
     pub restart_in: Option<Duration>,
+    /// Until when what is left of its process group may run: the SIGKILL instant of a stop
+    /// under way (the stop signal went to the whole group); `None` for a worker that was not
+    /// being stopped, or already killed: the rest of its group is killed at once.
+    pub group_grace: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -398,13 +407,21 @@ impl Pool {
 
     /// A child was reaped. `None` if it was not one of the workers.
     pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+        if self.workers.get(&pid)?.life == Life::Draining {
+            return None;
+        }
         let w = self.workers.remove(&pid)?;
+        let group_grace = match w.life {
+            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            _ => None,
+        };
         let cause = match w.life {
             Life::Starting { .. } | Life::Stopping { why: StopWhy::BootTimeout, .. } => {
                 Cause::BootFailure
             }
             Life::Up { .. } => Cause::Crash,
             Life::Stopping { why, killed, .. } => Cause::Stopped { why, killed },
+            Life::Draining => unreachable!("a draining worker was reaped before"),
         };
         let watchdog = matches!(cause, Cause::Stopped { why: StopWhy::Watchdog, .. });
         if watchdog || !matches!(cause, Cause::Stopped { .. }) {
@@ -427,7 +444,41 @@ impl Pool {
             uptime: now.saturating_duration_since(w.started),
             cause,
             restart_in,
+            group_grace,
         })
+    }
+
+    /// The process group of the worker of `exit` outlives it: its slot gets no new worker
+    /// until [`Pool::group_gone`] (and the pool is not done while it drains).
+    pub fn group_outlives(&mut self, exit: &Exit, now: Instant) {
+        let worker = Worker {
+            slot: exit.slot,
+            generation: exit.generation,
+            started: now,
+            stop_signal: self.policy.stop_signal,
+            life: Life::Draining,
+        };
+        self.workers.insert(exit.pid, worker);
+    }
+
+    /// The process group `pgid` of a reaped worker is empty (or given up on): its slot may
+    /// start again. Returns the slot, if it was a worker's.
+    pub fn group_gone(&mut self, pgid: Pid) -> Option<usize> {
+        match self.workers.get(&pgid) {
+            Some(w) if w.life == Life::Draining => self.workers.remove(&pgid).map(|w| w.slot),
+            _ => None,
+        }
+    }
+
+    /// The slot must wait before a spawn: the group of its last worker is still draining, or
+    /// (slot 0) any process of an old worker is left.
+    fn blocked(&self, slot: usize) -> bool {
+        let mut ws = self.in_slot(slot);
+        if slot == 0 {
+            ws.next().is_some()
+        } else {
+            ws.any(|w| w.life == Life::Draining)
+        }
     }
 
     fn record_failure(
@@ -473,11 +524,12 @@ impl Pool {
             Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
             _ => None,
         });
+        // A blocked slot waits for an event (a reaping), not for its backoff instant; a pause
+        // of every fork (out of processes) holds back every slot.
         let paused = self.forks_paused_until;
-        let slots = (0..self.target).filter(|&s| self.needs_spawn(s)).filter_map(|s| {
-            let at = self.slots.get(s).and_then(|x| x.not_before);
-            at.max(paused)
-        });
+        let slots = (0..self.target)
+            .filter(|&s| self.needs_spawn(s) && !self.blocked(s))
+            .filter_map(|s| self.slots.get(s).and_then(|x| x.not_before).max(paused));
         workers.chain(slots).min()
     }
 
@@ -638,6 +690,9 @@ impl Pool {
                 continue;
             }
             let has_old = self.in_slot(slot).any(|w| w.generation != self.generation);
+            if slot != 0 && self.blocked(slot) {
+                continue;
+            }
             if slot == 0 {
                 if !self.primary_may_spawn(now, actions) {
                     continue;
@@ -661,8 +716,9 @@ impl Pool {
         new_starting && ws.any(|w| w.live() && w.generation != self.generation)
     }
 
-    /// Slot 0 may get a new worker only when no process is left in it; an old live one is
-    /// stopped first, once every other slot runs the current generation.
+    /// Slot 0 may get a new worker only when no process is left in it (nor in its old process
+    /// group: a draining worker counts); an old live one is stopped first, once every other
+    /// slot runs the current generation.
     fn primary_may_spawn(&mut self, now: Instant, actions: &mut Vec<Action>) -> bool {
         let old: Vec<Pid> =
             self.workers.iter().filter(|(_, w)| w.slot == 0).map(|(p, _)| *p).collect();

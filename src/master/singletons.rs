@@ -2,7 +2,8 @@
 //!
 //! At boot they start in file order, each ready before the next; while running, one that dies
 //! is restarted by its `restart` policy at its backoff instant, and only once its previous
-//! process has been reaped, so two instances never live at once; at stop they go in reverse
+//! process has been reaped and its process group is empty, so two instances (or an instance
+//! and the leftovers of the last one) never live at once; at stop they go in reverse
 //! order, each gone before the one before it is signalled. Pure, like the pool: stepped at
 //! made-up instants, performed by the master.
 
@@ -101,6 +102,9 @@ pub struct Entry {
     /// A reload removed it: it stops, and is never started again (unless a reload brings it
     /// back). Its position is kept, so the indexes of the others do not move.
     removed: bool,
+    /// Its last process was reaped but its process group still has members (being killed):
+    /// no new instance until [`Singletons::group_gone`].
+    draining: Option<Pid>,
 }
 
 impl Entry {
@@ -112,12 +116,24 @@ impl Entry {
             started: None,
             next: None,
             removed: false,
+            draining: None,
         }
     }
 
     /// Whether the running config has it.
     pub fn configured(&self) -> bool {
         !self.removed
+    }
+
+    /// A process or a draining process group.
+    fn has_processes(&self) -> bool {
+        self.pid().is_some() || self.draining.is_some()
+    }
+
+    /// To be spawned now: waiting, due, and nothing of its last instance left.
+    fn due(&self, now: Instant) -> bool {
+        self.draining.is_none()
+            && matches!(self.life, Life::Waiting { not_before } if not_before <= now)
     }
 
     pub fn pid(&self) -> Option<Pid> {
@@ -137,6 +153,9 @@ pub struct Exit {
     pub status: ExitStatus,
     pub stopped: bool,
     pub restart_in: Option<Duration>,
+    /// Until when what is left of its process group may run (the SIGKILL instant of a stop
+    /// under way); `None`: the rest of its group is killed at once.
+    pub group_grace: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -170,9 +189,21 @@ impl Singletons {
     pub fn up_count(&self) -> usize {
         self.entries.iter().filter(|e| matches!(e.life, Life::Up { .. })).count()
     }
-    /// Stopping, and no singleton process is left.
+    /// Stopping, and no singleton process is left (nor any of their process groups).
     pub fn is_done(&self) -> bool {
-        self.phase == Phase::Stopping && self.entries.iter().all(|e| e.pid().is_none())
+        self.phase == Phase::Stopping && self.entries.iter().all(|e| !e.has_processes())
+    }
+
+    /// The group of singleton `index`'s last process (`pgid`, reaped) outlives it.
+    pub fn group_outlives(&mut self, index: usize, pgid: Pid) {
+        self.entries[index].draining = Some(pgid);
+    }
+
+    /// The group `pgid` is empty (or given up on); returns the singleton's index if it was one.
+    pub fn group_gone(&mut self, pgid: Pid) -> Option<usize> {
+        let index = self.entries.iter().position(|e| e.draining == Some(pgid))?;
+        self.entries[index].draining = None;
+        Some(index)
     }
 
     /// Stops them all, last first: with their `stop_signal` and `stop_timeout`, or, for a fast
@@ -298,6 +329,10 @@ impl Singletons {
     /// A child was reaped; `None` if it was not a singleton.
     pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
         let index = self.index_of(pid)?;
+        let group_grace = match self.entries[index].life {
+            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            _ => None,
+        };
         let (stopped, boot) = match self.entries[index].life {
             Life::Stopping { boot_timeout, .. } => (!boot_timeout, boot_timeout),
             Life::Starting { .. } => (false, true),
@@ -317,7 +352,7 @@ impl Singletons {
             Life::Waiting { not_before } => Some(not_before.saturating_duration_since(now)),
             _ => None,
         };
-        Some(Exit { index, status, stopped, restart_in })
+        Some(Exit { index, status, stopped, restart_in, group_grace })
     }
 
     fn died(&mut self, index: usize, status: ExitStatus, boot: bool, now: Instant) {
@@ -362,7 +397,10 @@ impl Singletons {
             .iter()
             .enumerate()
             .filter_map(|(i, e)| match e.life {
-                Life::Waiting { not_before } if may_spawn(i) => Some(not_before),
+                // A draining one waits for the reaper, not for its instant.
+                Life::Waiting { not_before } if may_spawn(i) && e.draining.is_none() => {
+                    Some(not_before)
+                }
                 Life::Starting { deadline, probe, .. } => {
                     Some(probe.and_then(|p| p.at).map_or(deadline, |at| at.min(deadline)))
                 }
@@ -382,7 +420,7 @@ impl Singletons {
             Phase::Booting => self.boot(now, &mut actions),
             Phase::Running => {
                 for (index, e) in self.entries.iter().enumerate() {
-                    if matches!(e.life, Life::Waiting { not_before } if not_before <= now) {
+                    if e.due(now) {
                         actions.push(Action::Spawn { index });
                     }
                 }
@@ -429,8 +467,7 @@ impl Singletons {
                 actions.push(Action::Booted);
             }
             Some(index) => {
-                if matches!(self.entries[index].life, Life::Waiting { not_before } if not_before <= now)
-                {
+                if self.entries[index].due(now) {
                     actions.push(Action::Spawn { index });
                 }
             }
@@ -444,7 +481,7 @@ impl Singletons {
                 e.life = Life::Finished;
             }
         }
-        let Some(index) = self.entries.iter().rposition(|e| e.pid().is_some()) else { return };
+        let Some(index) = self.entries.iter().rposition(Entry::has_processes) else { return };
         let e = &mut self.entries[index];
         if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
             let (signal, grace) = if self.fast {

@@ -325,6 +325,13 @@ impl Presup {
         line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// The pid of the master's watcher (a child of the master that is not one of its
+    /// workers, singletons or hooks), from its log.
+    pub fn watcher_pid(&self) -> i32 {
+        let line = self.log.wait_for("watcher started");
+        line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }

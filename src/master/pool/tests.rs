@@ -445,3 +445,39 @@ fn ttin_never_raises_the_target_above_the_bound() {
     sim.pool.set_target(usize::MAX);
     assert_eq!(sim.pool.target(), config::MAX_WORKERS);
 }
+
+#[test]
+fn a_slot_waits_for_the_process_group_of_its_last_worker() {
+    let mut sim = Sim::booted(3);
+    // Slot 0 and slot 2 die on their own; their groups still have members (being killed).
+    let (primary, other) = (sim.pid_in(0, 1), sim.pid_in(2, 1));
+    for pid in [primary, other] {
+        let exit = sim.pool.exited(pid, ExitStatus::Signal(Signal::SIGKILL), sim.at(5000)).unwrap();
+        assert_eq!(exit.group_grace, None, "not stopping: the rest is killed at once");
+        sim.pool.group_outlives(&exit, sim.at(5000));
+    }
+    assert_eq!(sim.step(5000).1, vec![], "no new worker beside the leftovers");
+    assert_eq!(sim.pool.next_deadline(), None, "waits for an event, not a timer");
+    assert!(sim.pool.workers().all(|(p, w)| w.live() || p == primary || p == other));
+    assert_eq!(sim.pool.group_gone(other), Some(2));
+    assert_eq!(sim.step(5001).1.iter().map(|s| s.0).collect::<Vec<_>>(), [2]);
+    assert_eq!(sim.pool.group_gone(other), None, "once");
+    // The primary rule counts the draining group.
+    assert_eq!(sim.step(5002).1, vec![]);
+    assert_eq!(sim.pool.group_gone(primary), Some(0));
+    assert_eq!(sim.step(5003).1.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
+}
+
+#[test]
+fn a_stopped_worker_gives_its_group_the_rest_of_its_grace_and_stop_waits_for_it() {
+    let mut sim = Sim::booted(1);
+    sim.pool.stop(false, sim.at(2000));
+    let pid = signals(&sim.step(2000).0)[0].0;
+    let exit = sim.pool.exited(pid, ExitStatus::Code(0), sim.at(2100)).unwrap();
+    assert_eq!(exit.group_grace, Some(sim.at(32_000)));
+    sim.pool.group_outlives(&exit, sim.at(2100));
+    assert!(!sim.pool.is_done(), "the group is still draining");
+    assert_eq!(sim.step(2200).0, vec![]);
+    sim.pool.group_gone(pid);
+    assert!(sim.pool.is_done());
+}

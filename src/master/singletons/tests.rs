@@ -251,3 +251,30 @@ fn a_reload_changing_a_singleton_that_is_stopping_waits_for_it() {
     assert!(s.is_done());
     assert_eq!(s.step(t + ms(20)), vec![]);
 }
+
+#[test]
+fn a_singleton_restarts_only_once_the_group_of_its_last_process_is_empty() {
+    let t = Instant::now();
+    let mut s = Singletons::new(&[spec("sched", Ready::Spawn, Restart::Always)], t);
+    s.step(t);
+    s.spawned(0, pid(10), t);
+    s.step(t + ms(1000));
+    let e = s.exited(pid(10), ExitStatus::Signal(Signal::SIGKILL), t + ms(20_000)).unwrap();
+    assert_eq!((e.restart_in, e.group_grace), (Some(ms(0)), None));
+    s.group_outlives(0, pid(10));
+    assert_eq!(s.step(t + ms(20_000)), vec![], "no instance beside the leftovers");
+    assert_eq!(s.next_deadline(), None, "waits for the reaper");
+    assert_eq!(s.group_gone(pid(11)), None);
+    assert_eq!(s.group_gone(pid(10)), Some(0));
+    assert_eq!(spawns(&s.step(t + ms(20_001))), [0]);
+    s.spawned(0, pid(12), t + ms(20_001));
+    // A stop: the group gets the rest of stop_timeout, and the stop waits for it.
+    s.stop(false, t + ms(21_000));
+    s.step(t + ms(21_000));
+    let e = s.exited(pid(12), ExitStatus::Code(0), t + ms(21_100)).unwrap();
+    assert_eq!(e.group_grace, Some(t + ms(31_000)));
+    s.group_outlives(0, pid(12));
+    assert!(!s.is_done());
+    s.group_gone(pid(12));
+    assert!(s.is_done());
+}
