@@ -27,14 +27,17 @@ pub mod server;
 mod set;
 #[cfg(test)]
 mod tests;
+#[cfg(any(feature = "twilight-0.17", feature = "twilight-0.18"))]
+pub mod twilight;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::time::{clock_gettime, clock_nanosleep, ClockId, ClockNanosleepFlags};
 
 pub use layout::Params;
-pub use reserve::{Daily, Reservation, Status};
+pub use reserve::{Daily, Status};
 pub use set::{Tickets, MAX_BUCKETS, MAX_DAILY_LIMIT};
 
 /// Why a ticket cannot be used or made.
@@ -52,15 +55,16 @@ pub enum TicketError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the next turn is in {}, after the deadline", humantime::format_duration(Duration::from_millis(self.wait().as_millis() as u64)))]
 pub struct TimedOut {
-    /// When the turn would have been granted (ns of CLOCK_MONOTONIC).
-    pub at: u64,
+    /// When the turn would have been granted.
+    pub at: Instant,
     /// When that was found out.
-    pub now: u64,
+    pub now: Instant,
 }
 
 impl TimedOut {
+    /// How long the caller would have waited.
     pub fn wait(&self) -> Duration {
-        Duration::from_nanos(self.at.saturating_sub(self.now))
+        self.at.saturating_duration_since(self.now)
     }
 }
 
@@ -68,9 +72,66 @@ impl TimedOut {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     pub bucket: u32,
-    /// The instant it was granted for (ns of CLOCK_MONOTONIC, see [`now`]); the call returned
-    /// at or after it.
-    pub at: u64,
+    /// The instant it was granted for; the call returned at or after it.
+    pub at: Instant,
+    at_ns: u64,
+}
+
+impl Grant {
+    /// [`Grant::at`] in ns of CLOCK_MONOTONIC (see [`now`]): comparable across processes.
+    pub fn at_ns(&self) -> u64 {
+        self.at_ns
+    }
+}
+
+/// A reserved turn, not yet waited for: wait until [`Reservation::at`] (or call
+/// [`Reservation::wait`]), or give it back with [`Ticket::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub bucket: u32,
+    /// The instant of the turn.
+    pub at: Instant,
+    inner: reserve::Reservation,
+}
+
+impl Reservation {
+    fn new(inner: reserve::Reservation) -> Reservation {
+        Reservation { bucket: inner.bucket, at: instant_of(inner.at), inner }
+    }
+
+    /// [`Reservation::at`] in ns of CLOCK_MONOTONIC (see [`now`]).
+    pub fn at_ns(&self) -> u64 {
+        self.inner.at
+    }
+
+    /// Sleeps until the turn (at once if it has come) and returns it as granted.
+    pub fn wait(&self) -> Grant {
+        sleep_until(self.inner.at);
+        self.grant()
+    }
+
+    fn grant(&self) -> Grant {
+        Grant { bucket: self.bucket, at: self.at, at_ns: self.inner.at }
+    }
+}
+
+/// The `Instant` of `ns` of CLOCK_MONOTONIC (the clock of `Instant` on Linux).
+fn instant_of(ns: u64) -> Instant {
+    let (instant, ns_now) = (Instant::now(), now());
+    if ns >= ns_now {
+        instant + Duration::from_nanos(ns - ns_now)
+    } else {
+        instant.checked_sub(Duration::from_nanos(ns_now - ns)).unwrap_or(instant)
+    }
+}
+
+/// `at` in ns of CLOCK_MONOTONIC.
+fn ns_of(at: Instant) -> u64 {
+    let (instant, ns_now) = (Instant::now(), now());
+    match at.checked_duration_since(instant) {
+        Some(ahead) => ns_now.saturating_add(ahead.as_nanos().min(u64::MAX as u128) as u64),
+        None => ns_now.saturating_sub(instant.duration_since(at).as_nanos() as u64),
+    }
 }
 
 /// The `margin` of a ticket whose config does not set one: a twentieth of `interval`, at most
@@ -109,10 +170,18 @@ pub fn sleep_until(at: u64) {
     {}
 }
 
-/// A ticket, mapped.
+/// A ticket, mapped. Clones share the mapping; it is `Send` and `Sync` (every access is an
+/// atomic operation on the shared file).
+#[derive(Clone)]
 pub struct Ticket {
     path: PathBuf,
-    mapping: layout::Mapping,
+    mapping: Arc<layout::Mapping>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("path", &self.path).field("params", &self.params()).finish()
+    }
 }
 
 impl Ticket {
@@ -137,7 +206,7 @@ impl Ticket {
     pub(crate) fn from_file(path: &Path, f: &std::fs::File) -> Result<Ticket, TicketError> {
         let io = |source| TicketError::Io { path: path.to_path_buf(), source };
         let mapping = layout::Mapping::map(f).map_err(io)?;
-        Ok(Ticket { path: path.to_path_buf(), mapping })
+        Ok(Ticket { path: path.to_path_buf(), mapping: Arc::new(mapping) })
     }
 
     pub fn path(&self) -> &Path {
@@ -156,39 +225,42 @@ impl Ticket {
     /// Waits for `shard`'s turn and returns it.
     pub fn acquire(&self, shard: u64) -> Grant {
         let r = self.reserve(shard, None).expect("a reservation without deadline is never refused");
-        sleep_until(r.at);
-        Grant { bucket: r.bucket, at: r.at }
+        r.wait()
     }
 
     /// Like [`Ticket::acquire`], but gives up at once, reserving nothing, if the turn would come
     /// after `deadline`.
     pub fn acquire_until(&self, shard: u64, deadline: Instant) -> Result<Grant, TimedOut> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.acquire_timeout(shard, left)
+        Ok(self.reserve(shard, Some(deadline))?.wait())
     }
 
     /// Like [`Ticket::acquire`], but gives up at once, reserving nothing, if the turn would come
     /// later than `timeout` from now.
     pub fn acquire_timeout(&self, shard: u64, timeout: Duration) -> Result<Grant, TimedOut> {
-        let deadline = now().saturating_add(timeout.as_nanos().min(u64::MAX as u128) as u64);
-        let r = self.reserve(shard, Some(deadline))?;
-        sleep_until(r.at);
-        Ok(Grant { bucket: r.bucket, at: r.at })
+        let deadline = Instant::now().checked_add(timeout);
+        match deadline {
+            Some(deadline) => self.acquire_until(shard, deadline),
+            None => Ok(self.acquire(shard)),
+        }
     }
 
     /// Reserves `shard`'s next turn without waiting for it (unless it would come after
-    /// `deadline`, in ns of CLOCK_MONOTONIC). The caller waits until `at` itself, or gives the
-    /// turn back with [`Ticket::cancel`].
-    pub fn reserve(&self, shard: u64, deadline: Option<u64>) -> Result<Reservation, TimedOut> {
+    /// `deadline`: then nothing is reserved). The caller waits until its `at` itself (an async
+    /// caller with its runtime's timer), or gives the turn back with [`Ticket::cancel`].
+    pub fn reserve(&self, shard: u64, deadline: Option<Instant>) -> Result<Reservation, TimedOut> {
         let bucket = self.bucket(shard);
         let view = self.mapping.view();
-        view.reserve(bucket, &now, deadline, &ThisProcess).map_err(|at| TimedOut { at, now: now() })
+        let deadline = deadline.map(ns_of);
+        match view.reserve(bucket, &now, deadline, &ThisProcess) {
+            Ok(r) => Ok(Reservation::new(r)),
+            Err(at) => Err(TimedOut { at: instant_of(at), now: Instant::now() }),
+        }
     }
 
     /// Gives back a turn that will not be used: it goes to the next caller if nothing was
     /// reserved after it, else it passes unused. Returns whether it was given back.
     pub fn cancel(&self, r: &Reservation) -> bool {
-        self.mapping.view().cancel(r, &ThisProcess)
+        self.mapping.view().cancel(&r.inner, &ThisProcess)
     }
 
     /// The budget left and the next free instant of each bucket.

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 fn example() -> String {
     let bin = PathBuf::from(common::bin());
     let mut cargo = std::process::Command::new(env!("CARGO"));
-    cargo.args(["build", "--quiet", "--example", "preload"]);
+    cargo.args(["build", "--quiet", "--all-features", "--example", "preload"]);
     cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
     if bin.parent().unwrap().ends_with("release") {
         cargo.arg("--release");

@@ -38,7 +38,7 @@ fn child_entry() {
         let g = ticket.acquire(shard);
         let returned = ticket::now();
         // One write per line, O_APPEND: lines of different processes never mix.
-        out.write_all(format!("{} {} {returned}\n", g.bucket, g.at).as_bytes()).unwrap();
+        out.write_all(format!("{} {} {returned}\n", g.bucket, g.at_ns()).as_bytes()).unwrap();
     }
 }
 
@@ -778,4 +778,106 @@ fn a_ticket_on_a_full_filesystem_is_exit_3_naming_the_file_and_leaves_nothing_be
     let left: Vec<_> =
         std::fs::read_dir(&full.path).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("filler")], "left behind");
+}
+
+/// `examples/twilight_shards.rs`, built (with the twilight feature) or found up to date.
+fn twilight_example() -> String {
+    let bin = PathBuf::from(common::bin());
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "--all-features", "--example", "twilight_shards"]);
+    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
+    if bin.parent().unwrap().ends_with("release") {
+        cargo.arg("--release");
+    }
+    assert!(cargo.status().unwrap().success(), "cargo build --example twilight_shards failed");
+    bin.parent().unwrap().join("examples/twilight_shards").display().to_string()
+}
+
+/// `(shard, pid, ns)` of each `granted` line.
+fn twilight_grants(dir: &Dir) -> Vec<(u32, i32, u64)> {
+    let lines = dir.lines("events");
+    let granted = lines.iter().filter_map(|l| l.strip_prefix("granted "));
+    granted
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn twilight_s_queue_on_a_ticket_spaces_each_bucket_across_workers_and_a_kill() {
+    let dir = Dir::new();
+    let program = twilight_example();
+    // 4 workers x 4 shards, 2 buckets, 1 s turns. The margin (200 ms here, 50 ms by default)
+    // absorbs the shards' wake-up jitter, so that what the gateway would see keeps the rule.
+    let toml = format!(
+        "graceful_timeout = \"5s\"\n[tickets.identify]\ninterval = \"1s\"\nbuckets = 2\nmargin = \"200ms\"\n[workers]\ncommand = [\"{program}\"]\ncount = 4\nmin_uptime = \"100ms\"\n"
+    );
+    dir.write("supervisor.toml", &toml);
+    let events = dir.join("events").display().to_string();
+    let presup = Presup::start_with(&dir, &[], &[("TWILIGHT_EVENTS", events.as_str())]);
+    let workers: Vec<i32> = (0..4).map(|slot| worker_pid(&presup, slot, 1)).collect();
+    std::fs::write(dir.join("pids"), workers.iter().map(|p| format!("{p}\n")).collect::<String>())
+        .unwrap();
+    // Kill worker 1 in the middle: once every worker has queued its shards and the first turns
+    // went out (its own shards wait behind others' in both buckets).
+    wait_until("every worker's shards queued and 2 turns granted", DEADLINE, || {
+        let queued = dir.lines("events").iter().filter(|l| l.starts_with("enqueued")).count();
+        (queued == 4 && twilight_grants(&dir).len() >= 2).then_some(())
+    });
+    let victim = workers[1];
+    nix::sys::signal::kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let again = worker_pid(&presup, 1, 2);
+    dir.write("pids", &format!("{}{again}\n", dir.read("pids")));
+    // Every shard identifies: those of the killed worker from its replacement.
+    let grants = wait_until("16 shards granted", Duration::from_secs(60), || {
+        let g = twilight_grants(&dir);
+        let live: std::collections::BTreeSet<u32> =
+            g.iter().filter(|(_, pid, _)| *pid != victim).map(|(s, _, _)| *s).collect();
+        (live.len() == 16).then_some(g)
+    });
+    let mut per_bucket: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (shard, _, ns) in &grants {
+        per_bucket.entry(shard % 2).or_default().push(*ns);
+    }
+    for (bucket, mut at) in per_bucket {
+        at.sort_unstable();
+        for pair in at.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= 1000 * MS, "bucket {bucket}: two turns {gap} ns apart: {at:?}");
+        }
+    }
+    drop(presup);
+}
+
+#[cfg(feature = "twilight-0.18")]
+#[test]
+fn a_twilight_shard_that_drops_its_receiver_gives_its_turn_back() {
+    use twilight_gateway_queue_018::Queue as _;
+    let dir = Dir::new();
+    let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_secs(30), 1, None));
+    let queue = presup::ticket::twilight::Queue::new(Ticket::open(&path).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    runtime.block_on(async {
+        // The first turn is now; the second, 30 s later, is given up before it comes.
+        queue.enqueue(0).await.expect("the first turn");
+        let before = queue.ticket().status().buckets[0];
+        let second = queue.enqueue(0);
+        let reserved = queue.ticket().status().buckets[0];
+        assert!(reserved > before, "enqueue reserves at once");
+        drop(second);
+        let deadline = Instant::now() + DEADLINE;
+        while queue.ticket().status().buckets[0] != before {
+            assert!(Instant::now() < deadline, "the turn was not given back");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    // Without a runtime, a thread waits for the turn instead.
+    let third = queue.enqueue(0);
+    let reserved = queue.ticket().status().buckets[0];
+    drop(third);
+    wait_until("the turn given back without a runtime", DEADLINE, || {
+        (queue.ticket().status().buckets[0] < reserved).then_some(())
+    });
 }

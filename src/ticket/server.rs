@@ -36,7 +36,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
 use self::table::{Admit, Table};
-use super::{now, sleep_until, Ticket, TicketError};
+use super::{now, Ticket, TicketError};
 
 /// gateway-queue's answer.
 pub const MESSAGE: &str = "You're free to connect now! :)";
@@ -344,7 +344,7 @@ impl Server {
         let since = now();
         let r = self.ticket.reserve(shard, None).expect("no deadline");
         loop {
-            let left = Duration::from_nanos(r.at.saturating_sub(now()));
+            let left = Duration::from_nanos(r.at_ns().saturating_sub(now()));
             if left < Duration::from_millis(1) {
                 break;
             }
@@ -355,8 +355,8 @@ impl Server {
                 return false;
             }
         }
-        sleep_until(r.at);
-        let waited = Duration::from_nanos(r.at.saturating_sub(since));
+        r.wait();
+        let waited = Duration::from_nanos(r.at_ns().saturating_sub(since));
         debug!(ticket = %self.name, shard, bucket, waited = ?waited, "granted");
         true
     }
