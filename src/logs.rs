@@ -4,6 +4,13 @@
 //! Logging never stops the master: a line that cannot be written (stderr a pipe whose reader
 //! exited, a full disk) is dropped and counted, and the next line that can be written is
 //! preceded by one saying how many were lost. Nothing here panics or prints elsewhere.
+//!
+//! Nor does it block: stderr is written through a non-blocking file description of the
+//! master's own (`/proc/self/fd/2` opened again, which for a pipe or a terminal is a new
+//! description: the children's stderr, the original one, stays blocking), or, for a socket
+//! (journald's stream under systemd), with `MSG_DONTWAIT` on each send. A reader that stopped
+//! reading (`presup | less` paused, a stalled log shipper) costs lines, counted, never the
+//! loop.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -36,13 +43,70 @@ struct State {
 }
 
 enum Target {
-    Stderr,
+    Stderr(Stderr),
     File { path: PathBuf, file: File },
+}
+
+/// How the master writes to its stderr without blocking.
+enum Stderr {
+    /// A non-blocking description of its own, on the same pipe, terminal or file.
+    Own(File),
+    /// A socket: each line sent with `MSG_DONTWAIT`.
+    Socket,
+    /// A regular file, or neither could be had: plain writes to fd 2.
+    Blocking,
+}
+
+impl Stderr {
+    fn open() -> Stderr {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let fd2 = std::path::Path::new("/proc/self/fd/2");
+        match std::fs::metadata(fd2).map(|m| m.file_type()) {
+            Ok(t) if t.is_socket() => return Stderr::Socket,
+            // A pipe or a terminal can block; a new description of it is the master's alone.
+            Ok(t) if t.is_fifo() || t.is_char_device() => {}
+            // A regular file never blocks for long, and its offset is shared with the children
+            // (`2> log` without O_APPEND): a description of the master's own would overwrite.
+            _ => return Stderr::Blocking,
+        }
+        let flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+        match OpenOptions::new().append(true).custom_flags(flags).open(fd2) {
+            Ok(f) => Stderr::Own(f),
+            Err(_) => Stderr::Blocking,
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Stderr::Own(f) => f.write_all(buf),
+            Stderr::Socket => {
+                use nix::sys::socket::{send, MsgFlags};
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&io::stderr());
+                let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+                let mut rest = buf;
+                while !rest.is_empty() {
+                    let n = send(fd, rest, flags).map_err(io::Error::from)?;
+                    rest = &rest[n..];
+                }
+                Ok(())
+            }
+            Stderr::Blocking => io::stderr().lock().write_all(buf),
+        }
+    }
 }
 
 impl Sink {
     pub fn stderr() -> Sink {
-        Sink::new(Target::Stderr)
+        Sink::new(Target::Stderr(Stderr::open()))
+    }
+
+    /// The fds of the master's own that a process forked from it without exec must close.
+    pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match &self.lock().target {
+            Target::Stderr(Stderr::Own(f)) | Target::File { file: f, .. } => vec![f.as_raw_fd()],
+            Target::Stderr(_) => vec![],
+        }
     }
 
     pub fn file(path: &Path) -> io::Result<Sink> {
@@ -95,7 +159,7 @@ impl State {
 impl Target {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
-            Target::Stderr => io::stderr().lock().write_all(buf),
+            Target::Stderr(stderr) => stderr.write_all(buf),
             Target::File { file, .. } => file.write_all(buf),
         }
     }

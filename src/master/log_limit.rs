@@ -37,6 +37,11 @@ impl LogLimit {
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
     }
+
+    /// When the next line may be let through (none was yet: at once).
+    fn next_at(&self) -> Option<Instant> {
+        self.last.map(|at| at + self.every)
+    }
 }
 
 /// One child's `STATUS=`: the latest, and what was last logged.
@@ -64,6 +69,27 @@ impl StatusLog {
         let held_back = self.limit.admit(now)?;
         self.logged = Some(status.to_owned());
         Some(held_back)
+    }
+
+    /// When the latest status, held back, is to be logged: a child that sent "loading" then
+    /// "ready" within the interval is shown "ready" once the interval is over.
+    pub fn due(&self) -> Option<Instant> {
+        if self.logged.as_deref() == Some(self.latest.as_str()) {
+            return None;
+        }
+        self.limit.next_at()
+    }
+
+    /// At or after [`StatusLog::due`]: `Some(n)` if the latest status is to be logged now (`n`
+    /// changes held back before it).
+    pub fn flush(&mut self, now: Instant) -> Option<u64> {
+        if self.due()? > now {
+            return None;
+        }
+        let held_back = self.limit.admit(now)?;
+        self.logged = Some(self.latest.clone());
+        // The latest itself was counted as held back.
+        Some(held_back.saturating_sub(1))
     }
 }
 
@@ -107,5 +133,20 @@ mod tests {
         assert_eq!(s.update("9", t1 + ms(1500)), None);
         assert_eq!(s.update("4", t1 + ms(1600)), None);
         assert_eq!(s.latest, "4");
+        assert_eq!(s.due(), None, "what was logged last is the latest");
+    }
+
+    #[test]
+    fn the_last_change_of_a_burst_is_logged_once_the_interval_is_over() {
+        let t0 = Instant::now();
+        let mut s = StatusLog::default();
+        assert_eq!(s.update("loading", t0), Some(0));
+        assert_eq!(s.due(), None);
+        assert_eq!(s.update("warming", t0 + ms(20)), None);
+        assert_eq!(s.update("ready", t0 + ms(50)), None);
+        assert_eq!(s.due(), Some(t0 + STATUS_EVERY));
+        assert_eq!(s.flush(t0 + ms(999)), None);
+        assert_eq!(s.flush(t0 + STATUS_EVERY), Some(1), "warming was never shown");
+        assert_eq!((s.due(), s.flush(t0 + ms(5000))), (None, None));
     }
 }

@@ -309,6 +309,7 @@ impl Master {
 
     /// Steps everything the stage allows until nothing more is due right now.
     fn perform_due_actions(&mut self) {
+        self.flush_statuses(Instant::now());
         loop {
             let now = Instant::now();
             let mut busy = self.step_groups(now);
@@ -428,11 +429,13 @@ impl Master {
             (self.stage == Stage::Sweep).then(|| Instant::now() + Duration::from_millis(50));
         let systemd = self.systemd.next_deadline();
         let groups = self.groups.next_deadline();
+        let statuses = self.statuses.values().filter_map(StatusLog::due);
         runs.chain(singletons.flatten())
             .chain(pool.flatten())
             .chain(sweep)
             .chain(systemd)
             .chain(groups)
+            .chain(statuses)
             .min()
     }
 
@@ -736,6 +739,25 @@ impl Master {
                 self.tickets.log_status();
             }
             Event::Usr2 => warn!("USR2 (binary upgrade) is not supported yet; ignored"),
+        }
+    }
+
+    /// Logs the statuses held back by the rate limit whose interval is over.
+    fn flush_statuses(&mut self, now: Instant) {
+        for (&pid, log) in &mut self.statuses {
+            if let Some(n) = log.flush(now) {
+                let slot = self.pool.workers().find(|(p, _)| *p == pid).map(|(_, w)| w.slot);
+                let status = &log.latest;
+                match n {
+                    0 => info!(slot, pid = pid.as_raw(), %status, "status"),
+                    n => info!(
+                        slot,
+                        pid = pid.as_raw(),
+                        %status,
+                        "status ({n} more changes in between not logged)"
+                    ),
+                }
+            }
         }
     }
 
