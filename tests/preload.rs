@@ -14,15 +14,19 @@ use nix::sys::signal::Signal;
 /// here: a filtered test run does not build the examples, and a stale one would test old code.
 /// Cargo's lock makes concurrent builds wait for each other.
 fn example() -> String {
+    example_named("preload")
+}
+
+fn example_named(name: &str) -> String {
     let bin = PathBuf::from(common::bin());
     let mut cargo = std::process::Command::new(env!("CARGO"));
-    cargo.args(["build", "--quiet", "--all-features", "--example", "preload"]);
+    cargo.args(["build", "--quiet", "--all-features", "--example", name]);
     cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
     if bin.parent().unwrap().ends_with("release") {
         cargo.arg("--release");
     }
-    assert!(cargo.status().unwrap().success(), "cargo build --example preload failed");
-    bin.parent().unwrap().join("examples").join("preload").display().to_string()
+    assert!(cargo.status().unwrap().success(), "cargo build --example {name} failed");
+    bin.parent().unwrap().join("examples").join(name).display().to_string()
 }
 
 fn config(count: usize, extra: &str) -> String {
@@ -304,4 +308,49 @@ fn a_worker_catching_term_with_a_signal_library_finishes_its_request_and_exits_0
     assert_eq!(presup.wait_exit(), Some(0));
     let log = presup.log.text();
     assert!(log.contains("worker exited with code 0 (stopped: Shutdown)"), "{log}");
+}
+
+/// Sends `GET path` on a new connection and waits until a worker has taken it (nothing left in
+/// the listener's backlog); the answer is read later.
+fn in_flight(port: u16, path: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    wait_until("a worker to take the request", DEADLINE, || {
+        (common::accept_queue(port) == 0).then_some(())
+    });
+    s
+}
+
+fn answer(mut s: std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[test]
+fn axum_workers_serve_the_preloaded_table_and_drain_on_hup_and_term() {
+    let dir = Dir::new();
+    dir.write("supervisor.toml", &config(2, ""));
+    let mut presup = Presup::start_program(&dir, &example_named("axum"), &["--mb", "8"]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    assert_eq!(get(port, "/lookup/123456"), entry(123_456).to_string());
+    // A reload: the old worker holding a request finishes it before it exits.
+    let slow = in_flight(port, "/sleep/1500");
+    presup.signal(Signal::SIGHUP);
+    presup.log.wait_for("reload done");
+    assert!(answer(slow).contains("slept 1500 ms"));
+    record_workers(&dir, &presup);
+    // A stop: the same.
+    let slow = in_flight(port, "/sleep/1500");
+    presup.signal(Signal::SIGTERM);
+    assert!(answer(slow).contains("slept 1500 ms"));
+    assert_eq!(presup.wait_exit(), Some(0));
+    let log = presup.log.text();
+    assert!(!log.contains("killed by SIGTERM"), "a worker did not catch TERM:\n{log}");
+    assert_eq!(log.matches("worker exited with code 0 (stopped: Shutdown)").count(), 2, "{log}");
 }
