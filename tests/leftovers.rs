@@ -318,3 +318,26 @@ fn a_killed_watcher_is_replaced_and_the_new_one_knows_every_group() {
     });
     presup.wait_exit();
 }
+
+#[test]
+fn a_fast_stop_during_a_graceful_one_hastens_a_draining_group() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    // The shell exits on TERM; its `sleep` ignores it and drains for the whole grace.
+    let toml = format!(
+        "graceful_timeout = \"60s\"\n[workers]\ncommand = [\"sh\", \"-c\", \"(trap '' TERM; exec sleep 1051) & wait\"]\nmin_uptime = \"100ms\"\nenv = {{ LEFTOVER_MARK = \"{}\" }}\n",
+        dir.path().display()
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    wait_until("the worker's sleep", DEADLINE, || (sleeps(&mark).len() == 1).then_some(()));
+    presup.signal(Signal::SIGTERM);
+    presup.log.wait_for("gets SIGKILL at the end of its stop timeout");
+    let began = std::time::Instant::now();
+    presup.signal(Signal::SIGINT);
+    assert_eq!(presup.wait_exit(), Some(0), "{}", presup.log.text());
+    eprintln!("the master exited {:?} after the INT", began.elapsed());
+    assert!(presup.log.text().contains("fast stop: SIGQUIT to what is left of a process group"));
+    assert_eq!(processes_with(std::slice::from_ref(&mark)), Vec::<i32>::new());
+}

@@ -373,6 +373,18 @@ impl Master {
                 }
             }
         }
+        if fast {
+            // What is left of a stopped child's group had the child's grace: a fast stop
+            // shortens it as it does the live children's.
+            for pgid in self.groups.hasten(now + pool::FAST_STOP_GRACE) {
+                info!(
+                    pgid = pgid.as_raw(),
+                    "fast stop: SIGQUIT to what is left of a process group, SIGKILL in {}s",
+                    pool::FAST_STOP_GRACE.as_secs()
+                );
+                let _ = killpg(pgid, Signal::SIGQUIT);
+            }
+        }
         self.pool.stop(fast, now);
         // Singletons not yet booted have no workers to outlive: they stop now (nothing more
         // of theirs starts); booted ones wait for the workers to be gone.
