@@ -341,3 +341,45 @@ fn a_fast_stop_during_a_graceful_one_hastens_a_draining_group() {
     assert!(presup.log.text().contains("fast stop: SIGQUIT to what is left of a process group"));
     assert_eq!(processes_with(std::slice::from_ref(&mark)), Vec::<i32>::new());
 }
+
+/// The worker forks a helper that moves to a group of its own, after forking a child that stays
+/// in the worker's group; the child outlives the worker's stop a little and is reaped by the
+/// helper, not by the master: the group empties without the master noticing.
+const EMPTIED_UNNOTICED: &str = r#"
+import os, signal, time
+if os.fork() == 0:
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.3), os._exit(0)))
+        while True:
+            time.sleep(1000)
+    os.setpgid(0, 0)
+    open("moved", "w").write(str(child))
+    os.waitpid(child, 0)
+    time.sleep(1000)
+signal.pause()
+"#;
+
+#[test]
+fn a_group_that_empties_unnoticed_is_not_signalled_at_the_end_of_its_grace() {
+    let dir = Dir::new();
+    let mark = mark(&dir);
+    let _cleanup = Cleanup(mark.clone());
+    dir.write("worker.py", EMPTIED_UNNOTICED);
+    let toml = format!(
+        "graceful_timeout = \"3s\"\n[workers]\ncommand = [\"python3\", \"{d}/worker.py\"]\nmin_uptime = \"100ms\"\nenv = {{ LEFTOVER_MARK = \"{d}\" }}\n",
+        d = dir.path().display()
+    );
+    let mut presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    wait_until("the helper's own group", DEADLINE, || dir.read("moved").parse::<i32>().ok());
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    let log = presup.log.text();
+    if !log.contains("gets SIGKILL at the end of its stop timeout") {
+        eprintln!("the child exited before the worker was reaped: nothing was draining");
+    }
+    assert!(!log.contains("what was left of the process group of a"), "{log}");
+    assert!(!log.contains("still has processes"), "{log}");
+    assert_eq!(processes_with(std::slice::from_ref(&mark)), Vec::<i32>::new());
+}

@@ -377,12 +377,13 @@ impl Master {
             // What is left of a stopped child's group had the child's grace: a fast stop
             // shortens it as it does the live children's.
             for pgid in self.groups.hasten(now + pool::FAST_STOP_GRACE) {
-                info!(
-                    pgid = pgid.as_raw(),
-                    "fast stop: SIGQUIT to what is left of a process group, SIGKILL in {}s",
-                    pool::FAST_STOP_GRACE.as_secs()
-                );
-                let _ = killpg(pgid, Signal::SIGQUIT);
+                if self.signal_draining(pgid, Signal::SIGQUIT) {
+                    info!(
+                        pgid = pgid.as_raw(),
+                        "fast stop: SIGQUIT to what is left of a process group, SIGKILL in {}s",
+                        pool::FAST_STOP_GRACE.as_secs()
+                    );
+                }
             }
         }
         self.pool.stop(fast, now);
@@ -944,6 +945,24 @@ impl Master {
         debug!(pgid = pgid.as_raw(), "the process group of a {} {why}", self.owner_name(owner));
     }
 
+    /// A signal to a draining group, some time after its leader was reaped. The master
+    /// notices a group emptied only when it reaps something, and a group can empty without
+    /// that (its last member reaped by a parent that left the group). So it is checked right
+    /// before the signal: found empty, it is released (and forgotten by the watcher) instead
+    /// of signalled. Its number could then name another group only if the kernel, which hands
+    /// pids out cyclically, went round all of them since the group emptied, or in the
+    /// microseconds between the two calls. Returns whether the group had members.
+    fn signal_draining(&mut self, pgid: Pid, signal: Signal) -> bool {
+        if killpg(pgid, None) == Err(Errno::ESRCH) {
+            if let Some(owner) = self.groups.gone(pgid) {
+                self.release_group(pgid, owner, "is empty");
+            }
+            return false;
+        }
+        let _ = killpg(pgid, signal);
+        true
+    }
+
     fn step_groups(&mut self, now: Instant) -> bool {
         let actions = self.groups.step(now);
         let busy = !actions.is_empty();
@@ -952,9 +971,11 @@ impl Master {
                 groups::Action::Kill { pgid, owner } => {
                     let pids: Vec<i32> =
                         children::group_members(pgid).iter().map(|p| p.as_raw()).collect();
+                    if !self.signal_draining(pgid, Signal::SIGKILL) {
+                        continue;
+                    }
                     let who = self.owner_name(owner);
-                    warn!(pgid = pgid.as_raw(), ?pids, "killing what is left of the process group of a {who} (its stop timeout is over)");
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    warn!(pgid = pgid.as_raw(), ?pids, "killed what was left of the process group of a {who} (its stop timeout is over)");
                 }
                 groups::Action::GiveUp { pgid, owner } => {
                     let pids: Vec<i32> =
