@@ -194,6 +194,7 @@ impl Watcher {
             full_warned: false,
         };
         w.fork()?;
+        info!(pid = w.pid.map_or(0, Pid::as_raw), "watcher started");
         Ok(w)
     }
 
@@ -208,7 +209,6 @@ impl Watcher {
         self.pid = Some(pid);
         self.pipe = Some(write);
         self.started = Instant::now();
-        info!(pid = pid.as_raw(), "watcher started");
         Ok(())
     }
 
@@ -290,7 +290,14 @@ impl Watcher {
             self.outbox.watch(pgid);
         }
         match self.fork() {
-            Ok(()) => self.flush(),
+            Ok(()) => {
+                // Said once the table is in the pipe (a fresh pipe takes 8192 records, more
+                // than CAPACITY): the new watcher reads it even if the master dies now.
+                self.flush();
+                let pid = self.pid.map_or(0, Pid::as_raw);
+                let (replayed, unsent) = (self.watched.len(), self.outbox.len());
+                info!(pid, replayed, unsent, "watcher started");
+            }
             Err(e) => error!("cannot restart the watcher: {e}"),
         }
         true

@@ -310,7 +310,10 @@ fn a_killed_watcher_is_replaced_and_the_new_one_knows_every_group() {
     let first = presup.watcher_pid();
     let sleep = only_child(pid_field(&presup.log.wait_for("worker spawned slot=0")));
     sigkill(first);
-    let second = pid_field(&presup.log.wait_for_nth("watcher started", 2));
+    // Logged once the table is written to the new watcher's pipe.
+    let line = presup.log.wait_for_nth("watcher started", 2);
+    assert!(line.contains("replayed=1 unsent=0"), "{line}");
+    let second = pid_field(&line);
     assert_ne!(first, second);
     presup.signal(Signal::SIGKILL);
     wait_until("the sleep and the new watcher gone", Duration::from_secs(1), || {
