@@ -481,7 +481,17 @@ mod tests {
         w.watch(Pid::from_raw(spared.id() as i32));
         w.forget(Pid::from_raw(spared.id() as i32));
         assert!(w.pending().is_none(), "written at once");
+        let dropped = Instant::now();
         drop(w);
+        // The drop waits a second for the watcher; a loaded machine may take longer.
+        let deadline = Duration::from_secs(20);
+        while nix::sys::wait::waitpid(watcher, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+            == Ok(nix::sys::wait::WaitStatus::StillAlive)
+        {
+            assert!(dropped.elapsed() < deadline, "the watcher outlived its pipe by {deadline:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!("the watcher gone {:?} after its pipe closed", dropped.elapsed());
         assert_eq!(nix::sys::signal::kill(watcher, None), Err(Errno::ESRCH), "reaped");
         let status = doomed.wait().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
