@@ -238,7 +238,7 @@ when_ready = [{{ command = ["sh", "-c", "sleep 1014; true"], timeout = "60s", en
     );
     let mut presup = Presup::start(&dir, &toml);
     let watcher = pid_field(&presup.log.wait_for("watcher started"));
-    let cgroup = presup.log.wait_for("cgroup");
+    let cgroup = presup.log.wait_for("children");
     let with_cgroup = cgroup.contains("children's cgroup created");
     let found = wait_until("the four sleeps", DEADLINE, || {
         let s = sleeps(&mark);
@@ -287,7 +287,7 @@ fn a_clean_stop_ends_the_watcher_and_removes_the_cgroup() {
     let toml = "[workers]\ncommand = [\"sleep\", \"1000\"]\nmin_uptime = \"100ms\"\n";
     let mut presup = Presup::start(&dir, toml);
     let watcher = pid_field(&presup.log.wait_for("watcher started"));
-    let cgroup = presup.log.wait_for("cgroup");
+    let cgroup = presup.log.wait_for("children");
     presup.log.wait_for("ready: all workers up");
     assert!(alive(watcher));
     presup.signal(Signal::SIGTERM);
@@ -392,4 +392,79 @@ fn a_group_that_empties_unnoticed_is_not_signalled_at_the_end_of_its_grace() {
     assert!(!log.contains("what was left of the process group of a"), "{log}");
     assert!(!log.contains("still has processes"), "{log}");
     assert_eq!(processes_with(std::slice::from_ref(&mark)), Vec::<i32>::new());
+}
+
+/// A `presup-<pid>` cgroup beside where the master makes its own, whose pid is dead, with a
+/// `sleep` in it: what a master and its watcher both killed (`pkill -9 presup`) leave.
+struct StaleCgroup {
+    dir: std::path::PathBuf,
+    sleep: std::process::Child,
+}
+
+impl StaleCgroup {
+    fn make() -> Result<StaleCgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let path = own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("no cgroup v2")?;
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let (mount, root) = mounts
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let fields: Vec<&str> = left.split_whitespace().collect();
+                right.starts_with("cgroup2 ").then(|| (fields[4].to_owned(), fields[3].to_owned()))
+            })
+            .ok_or("no cgroup2 mount")?;
+        let rel = path.strip_prefix(root.as_str()).unwrap_or(path).trim_start_matches('/');
+        let parent = std::path::Path::new(&mount).join(rel);
+        let mut gone = std::process::Command::new("true").spawn().map_err(|e| e.to_string())?;
+        gone.wait().map_err(|e| e.to_string())?;
+        let dir = parent.join(format!("presup-{}", gone.id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !dir.join("cgroup.kill").exists() {
+            let _ = std::fs::remove_dir(&dir);
+            return Err("no cgroup.kill (Linux 5.14)".into());
+        }
+        let sleep = std::process::Command::new("sleep").arg("1071").spawn().unwrap();
+        let stale = StaleCgroup { dir, sleep };
+        std::fs::write(stale.dir.join("cgroup.procs"), stale.sleep.id().to_string())
+            .map_err(|e| format!("{}/cgroup.procs: {e}", stale.dir.display()))?;
+        Ok(stale)
+    }
+}
+
+impl Drop for StaleCgroup {
+    fn drop(&mut self) {
+        let _ = self.sleep.kill();
+        let _ = self.sleep.wait();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_dead_masters_cgroup_is_killed_and_removed_at_startup() {
+    let mut stale = match StaleCgroup::make() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot make a stale cgroup here ({why})");
+            return;
+        }
+    };
+    let dir = Dir::new();
+    let mut presup = Presup::start(&dir, "[workers]\ncommand = [\"sleep\", \"1000\"]\n");
+    presup.log.wait_for("master started");
+    if presup.log.count("children's cgroup created") == 0 {
+        let why = presup.log.wait_for("no cgroup for the children");
+        eprintln!("SKIPPED: the master makes no cgroup here ({why})");
+        presup.signal(Signal::SIGTERM);
+        presup.wait_exit();
+        return;
+    }
+    presup.log.wait_for("ready: all workers up");
+    // Any master starting beside it may have swept it: this one or another test's.
+    let status =
+        wait_until("the stale cgroup's sleep killed", DEADLINE, || stale.sleep.try_wait().unwrap());
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    wait_until("the stale cgroup removed", DEADLINE, || (!stale.dir.exists()).then_some(()));
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
 }
