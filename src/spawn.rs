@@ -449,8 +449,11 @@ pub fn fork_helper(keep: RawFd, body: impl FnOnce()) -> Result<Pid, SpawnError> 
     // Read before the fork: the bound of the loop that stands in for close_range.
     let limit = fd_limit();
     fork_blocked(|| {
-        // SAFETY: in the freshly forked child of the single-threaded master; async-signal-safe
-        // calls only. The signal mask stays the full one fork_blocked set.
+        // SAFETY: in the freshly forked child, which may have been forked from a process with
+        // other threads (the watcher is forked before the master checks that it has none, and
+        // from the tests' threads): what makes this sound is that the child makes only
+        // async-signal-safe calls, on memory prepared before the fork, and takes no lock. The
+        // signal mask stays the full one fork_blocked set.
         unsafe {
             libc::setpgid(0, 0);
             libc::chdir(c"/".as_ptr());

@@ -859,7 +859,8 @@ impl Master {
             } else if self.hook_exited(pid, &status, now) {
                 self.group_ended(pid, Owner::Hook, None, now);
             } else if self.watcher.watches(pid) {
-                // A child whose owner let it go (none does today): its group still goes.
+                // A child the master started that no owner claims any more (one that forgot it
+                // before it was reaped): its group still goes, as a crashed child's would.
                 self.group_ended(pid, Owner::Other, None, now);
             } else if !self.watcher.exited(pid, &status.to_string()) {
                 debug!(
