@@ -18,7 +18,7 @@ pub mod pool;
 pub mod singletons;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -683,17 +683,28 @@ impl Master {
         busy
     }
 
+    /// Every fd of the master's own, which a worker forked without exec closes: the signalfd,
+    /// the notification socket and its runtime directory's lock, systemd's socket, the pidfile,
+    /// the watcher's pipe and the cgroup's `cgroup.procs`, the tickets' state-file locks. Not
+    /// the log file: the worker's copy of the master's log subscriber writes through it (were
+    /// it closed, a file the worker opens could take its number and get the log lines).
+    fn own_fds(&self) -> Vec<RawFd> {
+        let mut fds = self.signals.raw_fds().to_vec();
+        fds.extend(self.notify.raw_fds());
+        fds.extend(self.systemd.raw_fd());
+        fds.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
+        fds.extend(self.watcher.raw_fds());
+        fds.extend(self.tickets.raw_fds());
+        fds
+    }
+
     fn spawn_worker(&mut self, slot: usize, generation: u64, now: Instant) {
         let count = self.pool.target();
         let forked = self.options.in_process.as_ref().and_then(InProcess::worker);
         let result = match forked {
             None => self.children.worker(slot, count, generation, &self.config, &self.listeners),
             Some(worker) => {
-                let mut close = self.signals.raw_fds().to_vec();
-                close.push(self.notify.as_fd().as_raw_fd());
-                close.extend(self.systemd.raw_fd());
-                close.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
-                close.extend(self.watcher.raw_fds());
+                let close = self.own_fds();
                 let at = children::At { slot, count, generation };
                 self.children.forked_worker(at, &self.config, &self.listeners, worker, &close)
             }
