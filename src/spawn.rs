@@ -489,7 +489,7 @@ fn fallback_fds(
 ) -> std::ops::RangeInclusive<libc::c_uint> {
     match limit.checked_sub(1) {
         Some(highest) => first..=last.min(highest),
-        None => 1..=0,
+        None => std::ops::RangeInclusive::new(1, 0),
     }
 }
 
