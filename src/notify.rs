@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -114,6 +114,11 @@ impl NotifySocket {
     }
 
     /// What children get as `NOTIFY_SOCKET`.
+    /// Its fds (the socket, the directory's lock), which a child forked without exec closes.
+    pub fn raw_fds(&self) -> [RawFd; 2] {
+        [self.socket.as_raw_fd(), self._lock.as_raw_fd()]
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -38,8 +38,9 @@
 //! already runs more than one (a `#[tokio::main]` around [`main`]). The master installs no
 //! signal handler (it reads a `signalfd`), so the worker starts with default dispositions and
 //! an empty mask, and a signal library there (`tokio::signal`, signal-hook) works as in any
-//! process; the master's own fds (notification socket, signalfd, pidfile) are closed before
-//! `worker` runs. The worker ends with `_exit`, so none of the master's destructors or exit
+//! process; the master's own fds (signalfd, notification socket and its directory's lock,
+//! pidfile, watcher pipe, `cgroup.procs`, the tickets' locks) are closed before `worker`
+//! runs. The worker ends with `_exit`, so none of the master's destructors or exit
 //! handlers runs in it (a panic ends it with code 101). A worker
 //! that dies is forked again from the master's preloaded state; `preload` never runs twice, and
 //! a reload (HUP) does not rebuild it: restart the master for new code or data.

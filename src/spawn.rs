@@ -446,33 +446,59 @@ pub fn fork_call(
 /// master's group does not take it), in `/`, with every fd closed but `keep`. `body` makes only
 /// async-signal-safe calls and never returns (if it did, the helper would exit 127).
 pub fn fork_helper(keep: RawFd, body: impl FnOnce()) -> Result<Pid, SpawnError> {
+    // Read before the fork: the bound of the loop that stands in for close_range.
+    let limit = fd_limit();
     fork_blocked(|| {
-        // SAFETY: in the freshly forked child of the single-threaded master; async-signal-safe
-        // calls only. The signal mask stays the full one fork_blocked set.
+        // SAFETY: in the freshly forked child, which may have been forked from a process with
+        // other threads (the watcher is forked before the master checks that it has none, and
+        // from the tests' threads): what makes this sound is that the child makes only
+        // async-signal-safe calls, on memory prepared before the fork, and takes no lock. The
+        // signal mask stays the full one fork_blocked set.
         unsafe {
             libc::setpgid(0, 0);
             libc::chdir(c"/".as_ptr());
             let keep = keep as libc::c_uint;
             if keep > 0 {
-                close_range(0, keep - 1);
+                close_range(0, keep - 1, limit);
             }
-            close_range(keep + 1, libc::c_uint::MAX);
+            close_range(keep + 1, libc::c_uint::MAX, limit);
         }
         body()
     })
     .map_err(SpawnError::Fork)
 }
 
-/// Closes the fds `first..=last`, with a loop where the kernel lacks close_range.
+/// Closes the fds `first..=last`, with a loop where the kernel lacks close_range (below
+/// Linux 5.9), up to `limit` (the fd limit, [`fd_limit`]: no fd is numbered at or above it).
 ///
 /// # Safety
 /// Closes fds that others may own: only in a forked child.
-unsafe fn close_range(first: libc::c_uint, last: libc::c_uint) {
+unsafe fn close_range(first: libc::c_uint, last: libc::c_uint, limit: libc::c_uint) {
     if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
-        for fd in first..last.min(4096) {
+        for fd in fallback_fds(first, last, limit) {
             libc::close(fd as RawFd);
         }
     }
+}
+
+/// The fds the loop of [`close_range`] closes: `first..=last`, below `limit`.
+fn fallback_fds(
+    first: libc::c_uint,
+    last: libc::c_uint,
+    limit: libc::c_uint,
+) -> std::ops::RangeInclusive<libc::c_uint> {
+    match limit.checked_sub(1) {
+        Some(highest) => first..=last.min(highest),
+        None => std::ops::RangeInclusive::new(1, 0),
+    }
+}
+
+/// The process's fd limit (`RLIMIT_NOFILE`, soft): every fd it opened is numbered below it,
+/// unless the limit was lowered since. Read before a fork; the child allocates nothing.
+fn fd_limit() -> libc::c_uint {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    soft.min(libc::c_uint::MAX as u64) as libc::c_uint
 }
 
 /// Moves `fds` to 3, 4, ... (clearing close-on-exec there) and marks every fd above them
@@ -586,6 +612,16 @@ fn resolve(program: &str, dir: &Path, path_var: Option<&str>) -> Result<PathBuf,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_close_range_fallback_includes_last_and_reaches_the_fd_limit() {
+        assert_eq!(fallback_fds(3, 9, 1024), 3..=9, "last included");
+        assert_eq!(fallback_fds(0, 2, 1024), 0..=2);
+        let above = fallback_fds(5, libc::c_uint::MAX, 65_536);
+        assert_eq!(above, 5..=65_535, "fds above 4096 too, up to the limit");
+        assert!(fallback_fds(10, libc::c_uint::MAX, 8).is_empty());
+        assert!(fallback_fds(0, 5, 0).is_empty());
+    }
 
     #[test]
     fn every_step_survives_the_report_pipe_and_is_named() {

@@ -194,6 +194,7 @@ impl Watcher {
             full_warned: false,
         };
         w.fork()?;
+        info!(pid = w.pid.map_or(0, Pid::as_raw), "watcher started");
         Ok(w)
     }
 
@@ -208,7 +209,6 @@ impl Watcher {
         self.pid = Some(pid);
         self.pipe = Some(write);
         self.started = Instant::now();
-        info!(pid = pid.as_raw(), "watcher started");
         Ok(())
     }
 
@@ -290,7 +290,14 @@ impl Watcher {
             self.outbox.watch(pgid);
         }
         match self.fork() {
-            Ok(()) => self.flush(),
+            Ok(()) => {
+                // Said once the table is in the pipe (a fresh pipe takes 8192 records, more
+                // than CAPACITY): the new watcher reads it even if the master dies now.
+                self.flush();
+                let pid = self.pid.map_or(0, Pid::as_raw);
+                let (replayed, unsent) = (self.watched.len(), self.outbox.len());
+                info!(pid, replayed, unsent, "watcher started");
+            }
             Err(e) => error!("cannot restart the watcher: {e}"),
         }
         true
@@ -474,7 +481,17 @@ mod tests {
         w.watch(Pid::from_raw(spared.id() as i32));
         w.forget(Pid::from_raw(spared.id() as i32));
         assert!(w.pending().is_none(), "written at once");
+        let dropped = Instant::now();
         drop(w);
+        // The drop waits a second for the watcher; a loaded machine may take longer.
+        let deadline = Duration::from_secs(20);
+        while nix::sys::wait::waitpid(watcher, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+            == Ok(nix::sys::wait::WaitStatus::StillAlive)
+        {
+            assert!(dropped.elapsed() < deadline, "the watcher outlived its pipe by {deadline:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!("the watcher gone {:?} after its pipe closed", dropped.elapsed());
         assert_eq!(nix::sys::signal::kill(watcher, None), Err(Errno::ESRCH), "reaped");
         let status = doomed.wait().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));

@@ -410,7 +410,7 @@ fn the_primary_is_never_held_by_two_live_processes() {
 }
 
 #[test]
-fn nothing_survives_a_kill_9_of_the_master_within_a_second() {
+fn nothing_survives_a_kill_9_of_the_master() {
     let dir = Dir::new();
     fixtures(&dir);
     let mut presup = Presup::start(&dir, &config(3, &[], &["sched", "flow"]));
@@ -419,15 +419,17 @@ fn nothing_survives_a_kill_9_of_the_master_within_a_second() {
     assert_eq!(pids.len(), 5);
     presup.signal(Signal::SIGKILL);
     presup.wait_exit();
-    let deadline = Instant::now() + Duration::from_secs(1);
+    // Milliseconds on an idle machine; the deadline is for a loaded one.
+    let killed = Instant::now();
     while pids.iter().any(|&p| alive(p)) {
         assert!(
-            Instant::now() < deadline,
-            "still alive 1 s after the master's SIGKILL: {:?}",
+            killed.elapsed() < DEADLINE,
+            "still alive {DEADLINE:?} after the master's SIGKILL: {:?}",
             pids.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    eprintln!("every child gone {:?} after the master exited", killed.elapsed());
 }
 
 #[test]

@@ -183,7 +183,9 @@ fn term_hup_and_hooks_behave_as_in_exec_mode() {
     let dir = Dir::new();
     dir.script("hook.sh", "echo \"$PRESUP_HOOK\" >> hooks");
     let hooks = "[hooks]\non_starting = [{ command = [\"./hook.sh\"] }]\non_reload = [{ command = [\"./hook.sh\"] }]\non_exit = [{ command = [\"./hook.sh\"] }]\n";
-    let mut presup = start(&dir, &config(2, hooks), &[]);
+    let ticket =
+        format!("[tickets.t]\ninterval = \"1s\"\npath = \"{}\"\n", dir.join("t.ticket").display());
+    let mut presup = start(&dir, &config(2, &format!("{hooks}{ticket}")), &[]);
     let port = presup.port("http");
     presup.log.wait_for("ready: all workers up");
     assert_eq!(dir.lines("hooks"), ["on_starting"]);
@@ -205,6 +207,12 @@ fn term_hup_and_hooks_behave_as_in_exec_mode() {
         worker.iter().all(|l| !watcher.contains(l) && !l.ends_with("cgroup.procs")),
         "{worker:?}"
     );
+    // Nor the runtime directory's lock, nor the ticket's state file and its lock.
+    let master = fds(presup.pid());
+    let runtime = master.iter().find(|l| l.contains(&format!("presup-{}-", presup.pid())));
+    assert!(runtime.is_some(), "the master holds its runtime directory: {master:?}");
+    assert!(master.iter().any(|l| l.contains("t.ticket")), "{master:?}");
+    assert!(worker.iter().all(|l| Some(l) != runtime && !l.contains("t.ticket")), "{worker:?}");
     let env = |name: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -73,6 +73,21 @@ impl Groups {
         grace.map_or(true, |at| at <= now)
     }
 
+    /// A fast stop: every group still in its grace is SIGKILLed at `kill_at` at the latest.
+    /// Returns the groups whose grace was shortened (the master sends them SIGQUIT, as a
+    /// fast stop does to a live child).
+    pub fn hasten(&mut self, kill_at: Instant) -> Vec<Pid> {
+        let mut hastened = Vec::new();
+        for (&pgid, d) in self.draining.iter_mut() {
+            if d.kill_at.is_some_and(|at| at > kill_at) {
+                d.kill_at = Some(kill_at);
+                d.give_up = kill_at + DRAIN_GIVE_UP;
+                hastened.push(pgid);
+            }
+        }
+        hastened
+    }
+
     /// The group is empty: forget it. Returns its owner if it was draining.
     pub fn gone(&mut self, pgid: Pid) -> Option<Owner> {
         self.draining.remove(&pgid).map(|d| d.owner)
@@ -152,5 +167,22 @@ mod tests {
         assert_eq!(g.draining().collect::<Vec<_>>(), [pgid]);
         assert_eq!(g.gone(pgid), Some(owner));
         assert!(g.is_empty());
+    }
+
+    #[test]
+    fn a_fast_stop_shortens_the_grace_of_draining_groups_only() {
+        let t = Instant::now();
+        let mut g = Groups::default();
+        let owner = Owner::Worker { slot: 0 };
+        let (slow, soon, killed) = (Pid::from_raw(20), Pid::from_raw(21), Pid::from_raw(22));
+        g.outlived(slow, owner, Some(t + ms(30_000)), t);
+        g.outlived(soon, owner, Some(t + ms(1200)), t);
+        g.outlived(killed, owner, None, t);
+        assert_eq!(g.hasten(t + ms(1500)), [slow], "only a grace ending later is shortened");
+        assert_eq!(g.next_deadline(), Some(t + ms(1200)));
+        assert_eq!(g.step(t + ms(1200)), vec![Action::Kill { pgid: soon, owner }]);
+        assert_eq!(g.step(t + ms(1500)), vec![Action::Kill { pgid: slow, owner }]);
+        assert_eq!(g.hasten(t + ms(1600)), Vec::<Pid>::new(), "once killed, nothing to hasten");
+        assert_eq!(g.step(t + DRAIN_GIVE_UP), vec![Action::GiveUp { pgid: killed, owner }]);
     }
 }

@@ -18,7 +18,7 @@ pub mod pool;
 pub mod singletons;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -374,6 +374,19 @@ impl Master {
                 }
             }
         }
+        if fast {
+            // What is left of a stopped child's group had the child's grace: a fast stop
+            // shortens it as it does the live children's.
+            for pgid in self.groups.hasten(now + pool::FAST_STOP_GRACE) {
+                if self.signal_draining(pgid, Signal::SIGQUIT) {
+                    info!(
+                        pgid = pgid.as_raw(),
+                        "fast stop: SIGQUIT to what is left of a process group, SIGKILL in {}s",
+                        pool::FAST_STOP_GRACE.as_secs()
+                    );
+                }
+            }
+        }
         self.pool.stop(fast, now);
         // Singletons not yet booted have no workers to outlive: they stop now (nothing more
         // of theirs starts); booted ones wait for the workers to be gone.
@@ -673,17 +686,28 @@ impl Master {
         busy
     }
 
+    /// Every fd of the master's own, which a worker forked without exec closes: the signalfd,
+    /// the notification socket and its runtime directory's lock, systemd's socket, the pidfile,
+    /// the watcher's pipe and the cgroup's `cgroup.procs`, the tickets' state-file locks. Not
+    /// the log file: the worker's copy of the master's log subscriber writes through it (were
+    /// it closed, a file the worker opens could take its number and get the log lines).
+    fn own_fds(&self) -> Vec<RawFd> {
+        let mut fds = self.signals.raw_fds().to_vec();
+        fds.extend(self.notify.raw_fds());
+        fds.extend(self.systemd.raw_fd());
+        fds.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
+        fds.extend(self.watcher.raw_fds());
+        fds.extend(self.tickets.raw_fds());
+        fds
+    }
+
     fn spawn_worker(&mut self, slot: usize, generation: u64, now: Instant) {
         let count = self.pool.target();
         let forked = self.options.in_process.as_ref().and_then(InProcess::worker);
         let result = match forked {
             None => self.children.worker(slot, count, generation, &self.config, &self.listeners),
             Some(worker) => {
-                let mut close = self.signals.raw_fds().to_vec();
-                close.push(self.notify.as_fd().as_raw_fd());
-                close.extend(self.systemd.raw_fd());
-                close.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
-                close.extend(self.watcher.raw_fds());
+                let close = self.own_fds();
                 let at = children::At { slot, count, generation };
                 self.children.forked_worker(at, &self.config, &self.listeners, worker, &close)
             }
@@ -868,7 +892,8 @@ impl Master {
             } else if self.hook_exited(pid, &status, now) {
                 self.group_ended(pid, Owner::Hook, None, now);
             } else if self.watcher.watches(pid) {
-                // A child whose owner let it go (none does today): its group still goes.
+                // A child the master started that no owner claims any more (one that forgot it
+                // before it was reaped): its group still goes, as a crashed child's would.
                 self.group_ended(pid, Owner::Other, None, now);
             } else if !self.watcher.exited(pid, &status.to_string()) {
                 debug!(
@@ -954,6 +979,24 @@ impl Master {
         debug!(pgid = pgid.as_raw(), "the process group of a {} {why}", self.owner_name(owner));
     }
 
+    /// A signal to a draining group, some time after its leader was reaped. The master
+    /// notices a group emptied only when it reaps something, and a group can empty without
+    /// that (its last member reaped by a parent that left the group). So it is checked right
+    /// before the signal: found empty, it is released (and forgotten by the watcher) instead
+    /// of signalled. Its number could then name another group only if the kernel, which hands
+    /// pids out cyclically, went round all of them since the group emptied, or in the
+    /// microseconds between the two calls. Returns whether the group had members.
+    fn signal_draining(&mut self, pgid: Pid, signal: Signal) -> bool {
+        if killpg(pgid, None) == Err(Errno::ESRCH) {
+            if let Some(owner) = self.groups.gone(pgid) {
+                self.release_group(pgid, owner, "is empty");
+            }
+            return false;
+        }
+        let _ = killpg(pgid, signal);
+        true
+    }
+
     fn step_groups(&mut self, now: Instant) -> bool {
         let actions = self.groups.step(now);
         let busy = !actions.is_empty();
@@ -962,9 +1005,11 @@ impl Master {
                 groups::Action::Kill { pgid, owner } => {
                     let pids: Vec<i32> =
                         children::group_members(pgid).iter().map(|p| p.as_raw()).collect();
+                    if !self.signal_draining(pgid, Signal::SIGKILL) {
+                        continue;
+                    }
                     let who = self.owner_name(owner);
-                    warn!(pgid = pgid.as_raw(), ?pids, "killing what is left of the process group of a {who} (its stop timeout is over)");
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    warn!(pgid = pgid.as_raw(), ?pids, "killed what was left of the process group of a {who} (its stop timeout is over)");
                 }
                 groups::Action::GiveUp { pgid, owner } => {
                     let pids: Vec<i32> =

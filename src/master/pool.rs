@@ -166,7 +166,8 @@ pub struct Exit {
     pub restart_in: Option<Duration>,
     /// Until when what is left of its process group may run: the SIGKILL instant of a stop
     /// under way (the stop signal went to the whole group); `None` for a worker that was not
-    /// being stopped, or already killed: the rest of its group is killed at once.
+    /// being stopped, retired by itself (`STOPPING=1`) or was already killed: the rest of its
+    /// group is killed at once.
     pub group_grace: Option<Instant>,
 }
 
@@ -411,7 +412,10 @@ impl Pool {
             return None;
         }
         let w = self.workers.remove(&pid)?;
+        // A worker that retired by itself (STOPPING=1) had no signal sent to its group: what
+        // it leaves behind was not asked to finish, so it goes at once, as after a crash.
         let group_grace = match w.life {
+            Life::Stopping { why: StopWhy::Retiring, .. } => None,
             Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
             _ => None,
         };

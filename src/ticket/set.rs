@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -86,6 +87,12 @@ impl Tickets {
             entries.push(Entry { name: name.clone(), spec: spec.clone(), ticket, _lock: lock });
         }
         Ok(Tickets { entries, exe })
+    }
+
+    /// The fds the master keeps open (the state files' locks), which a child forked without
+    /// exec closes; a ticket's mapping keeps no fd.
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        self.entries.iter().filter_map(|e| e._lock.as_ref()).map(|l| l.as_raw_fd()).collect()
     }
 
     /// `PRESUP_TICKET_<NAME>` and the path, for every ticket.

@@ -15,6 +15,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::CgroupPaths;
 
@@ -43,9 +44,8 @@ impl Cgroup {
         if !writable(&parent) {
             return Err(format!("{} is not writable", parent.display()));
         }
+        sweep_stale(&parent);
         let dir = parent.join(format!("presup-{}", std::process::id()));
-        // A directory left by a dead master of the same pid: empty, or it could not be there.
-        let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let made = Cgroup::open(dir.clone());
         if made.is_err() {
@@ -79,19 +79,80 @@ impl Cgroup {
         CgroupPaths { dir: c(&self.dir), kill: c(&self.dir.join("cgroup.kill")) }
     }
 
-    /// Removes the cgroup if it is empty (the master's clean exit); a cgroup still holding
-    /// processes is killed first (the master failed with children alive) and removed by the
-    /// watcher.
+    /// Removes the cgroup as the master exits. Empty after a clean stop; one still holding
+    /// processes (the master failed with children alive, or one moved in from outside) is
+    /// killed first and removed once they are gone, waiting at most [`REMOVE_WAIT`] (the
+    /// watcher, told to quit or already gone, does not do it).
     pub fn remove(&self) {
-        match std::fs::remove_dir(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        if let Err(e) = kill_and_remove(&self.dir, Instant::now() + REMOVE_WAIT) {
+            tracing::warn!("cannot remove the children's cgroup {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// How long the master's exit waits for the processes of its killed cgroup to be gone.
+const REMOVE_WAIT: Duration = Duration::from_secs(1);
+/// How long the master's startup waits for stale cgroups' processes to be gone.
+const SWEEP_WAIT: Duration = Duration::from_millis(20);
+
+/// Removes `dir`, a cgroup: at once if empty, else after `cgroup.kill`, retrying until
+/// `until` while its killed processes are being torn down (`EBUSY`).
+fn kill_and_remove(dir: &Path, until: Instant) -> std::io::Result<()> {
+    let mut killed = false;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => return Err(e),
+            Err(_) if !killed => {
+                killed = true;
+                std::fs::write(dir.join("cgroup.kill"), "1")?;
+            }
+            Err(e) if Instant::now() >= until => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// The cgroups `presup-<pid>` under `parent` whose master is gone: a master and its watcher
+/// both killed (`pkill -9 presup` takes both) leave theirs behind, with whatever left its
+/// process group in them. Each is killed and removed, waiting at most [`SWEEP_WAIT`] in all;
+/// one still busy then is logged and left to the next start. A live pid is left alone, even
+/// if reused by another program: only a dead one proves the cgroup stale.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let names: Vec<String> =
+        entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    let until = Instant::now() + SWEEP_WAIT;
+    let own = std::process::id();
+    for pid in stale_candidates(&names) {
+        // The master's own pid: a dead master of the same pid left it.
+        let alive = pid != own
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None)
+                != Err(nix::errno::Errno::ESRCH);
+        if alive {
+            continue;
+        }
+        let dir = parent.join(format!("presup-{pid}"));
+        match kill_and_remove(&dir, until) {
+            Ok(()) => {
+                tracing::info!(path = %dir.display(), "removed the cgroup of a dead master, and killed what was left in it")
+            }
             Err(e) => {
-                let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
-                tracing::warn!("cannot remove the children's cgroup {}: {e}", self.dir.display());
+                tracing::warn!(path = %dir.display(), "cannot remove the cgroup of a dead master yet: {e}")
             }
         }
     }
+}
+
+/// The pids of the `presup-<pid>` names among `names`.
+fn stale_candidates(names: &[String]) -> Vec<u32> {
+    let pid = |n: &String| {
+        let digits = n.strip_prefix("presup-")?;
+        let canonical = digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
+        canonical.then(|| digits.parse().ok()).flatten()
+    };
+    names.iter().filter_map(pid).collect()
 }
 
 /// The path of the process's cgroup on the v2 hierarchy (`0::/path`).
@@ -202,5 +263,23 @@ mod tests {
         assert!(systemd_unit("user.slice/user-0.slice/session-1.scope"));
         assert!(!systemd_unit("system.slice/app.service/presup"));
         assert!(!systemd_unit(""));
+    }
+
+    #[test]
+    fn only_presup_pid_names_are_stale_candidates() {
+        let names: Vec<String> = [
+            "presup-4242",
+            "presup-",
+            "presup-12a",
+            "presup-007",
+            "presup-1",
+            "other-5",
+            "presup-77",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(stale_candidates(&names), [4242, 1, 77]);
+        assert_eq!(stale_candidates(&["presup-99999999999".into()]), Vec::<u32>::new());
     }
 }

@@ -404,7 +404,8 @@ fn stopping_1_starts_the_replacement_at_once_except_for_the_primary() {
     let p0 = sim.pid_in(0, 1);
     assert!(sim.pool.retiring(p0, sim.at(2100)));
     assert!(sim.step(2100).1.is_empty(), "the primary's successor waits for it to be gone");
-    sim.pool.exited(p0, ExitStatus::Code(0), sim.at(2200));
+    let exit = sim.pool.exited(p0, ExitStatus::Code(0), sim.at(2200)).unwrap();
+    assert_eq!(exit.group_grace, None, "no signal reached its group: what is left dies at once");
     assert_eq!(sim.step(2200).1.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
     // One that lingers is killed at graceful_timeout.
     assert_eq!(signals(&sim.step(32_000).0), vec![(p1, Signal::SIGKILL, StopWhy::Retiring)]);
