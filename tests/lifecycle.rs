@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{alive, wait_until, Dir, Presup, DEADLINE};
+use common::{alive, kill, wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
 /// A worker that records `up SLOT PID` and, on TERM, `stop worker PID`.
@@ -51,10 +51,6 @@ fn last_position(events: &[String], prefix: &str) -> usize {
 
 fn pid_of(event: &str) -> i32 {
     event.split_whitespace().last().unwrap().parse().unwrap()
-}
-
-fn kill(pid: i32, sig: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }
 
 fn hook(point: &str) -> String {
