@@ -28,6 +28,7 @@ pub mod config;
 pub mod directory;
 pub mod environment;
 pub mod listener;
+pub mod lockfile;
 pub mod logs;
 pub mod master;
 pub mod notify;

@@ -4,8 +4,9 @@
 //! master is unlocked and is taken over; a locked one makes a second master refuse to start.
 //! The pid is written to a temporary file that is locked and then renamed over the path, so a
 //! reader never sees a partial pid. After taking a lock the inode is compared with the path's,
-//! since another master may have renamed a new file over it in the meantime. Every file is
-//! reached through its directory's fd, never through a symlink ([`crate::directory`]).
+//! since another master may have renamed a new file over it in the meantime
+//! ([`crate::lockfile`]). Every file is reached through its directory's fd, never through a
+//! symlink ([`crate::directory`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::directory::Directory;
+use crate::lockfile::{self, IfHeld};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PidfileError {
@@ -96,18 +98,8 @@ impl Drop for Pidfile {
 
 /// Opens (creating if needed) and locks the file `name`; `None` if someone holds it.
 fn lock_path(dir: &Directory, name: &OsString) -> io::Result<Option<Flock<File>>> {
-    loop {
-        let file = dir.open_file(name, true, 0o644)?;
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
-            Err((_, e)) => return Err(e.into()),
-        };
-        // Renamed over while we waited for the lock: lock the new file instead.
-        if dir.holds(name, &lock) {
-            return Ok(Some(lock));
-        }
-    }
+    let held = lockfile::lock(dir, name, 0o644, IfHeld::GiveUp)?;
+    Ok(held.map(|(lock, _)| lock))
 }
 
 /// Writes our pid to the new file `tmp`, locks it and renames it to `name`.

@@ -12,10 +12,13 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{accept_queue, alive, wait_until, Dir, Presup, DEADLINE};
+use common::{
+    accept_queue, alive, children_of, field, kill, wait_dead, wait_until, Dir, KillOnDrop, Presup,
+    DEADLINE,
+};
 use nix::sys::signal::Signal;
 
 /// Copies `examples/<name>` (its files, not its `run/`) into the test's dir, with the helper
@@ -50,7 +53,7 @@ fn start(dir: &Dir) -> Presup {
 /// A local stand-in server started by the test (`python3 SCRIPT --port 0`), killed and reaped
 /// when dropped.
 struct Helper {
-    child: Child,
+    child: KillOnDrop,
     port: u16,
 }
 
@@ -66,7 +69,7 @@ impl Helper {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn python3");
-        let mut helper = Helper { child, port: 0 };
+        let mut helper = Helper { child: KillOnDrop(child), port: 0 };
         helper.port = wait_until(&format!("{script} to write its port"), DEADLINE, || {
             if let Some(status) = helper.child.try_wait().unwrap() {
                 panic!("{script} exited: {status}");
@@ -81,13 +84,6 @@ impl Helper {
         let (status, body) = http(self.port, "GET", path).unwrap();
         assert_eq!(status, 200, "GET {path}: {body}");
         body
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -134,12 +130,6 @@ struct Spawned {
     slot: usize,
     pid: i32,
     generation: u64,
-}
-
-fn field<T: std::str::FromStr>(line: &str, name: &str) -> T {
-    let prefix = format!("{name}=");
-    let value = line.split_whitespace().find_map(|w| w.strip_prefix(prefix.as_str()));
-    value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
 fn spawned(presup: &Presup) -> Vec<Spawned> {
@@ -195,14 +185,6 @@ fn wait_all_answer(port: u16, pids: &[i32]) {
         assert!(pids.contains(&pid), "answered by pid {pid}, not one of {pids:?}: {body:?}");
         assert!(seen.insert(pid), "pid {pid} answered twice: {body:?}");
     }
-}
-
-fn kill(pid: i32, sig: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-}
-
-fn wait_dead(pid: i32) {
-    wait_until(&format!("pid {pid} to die"), DEADLINE, || (!alive(pid)).then_some(()));
 }
 
 // ----- interactions: run once, not once per worker (seed 000) -----
@@ -300,11 +282,6 @@ fn wait_emails(sink: &Helper, what: &str, enough: impl Fn(&[Email]) -> bool) -> 
 }
 
 /// The process state letter of `/proc/PID/stat` (`T` when stopped).
-fn state_of(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')').next()?.split_whitespace().next()?.chars().next()
-}
-
 /// SIGKILLs the scheduler `pid` at the worst moment: just after it sent a tick's email and
 /// before it recorded that tick as sent. That moment lasts a few microseconds, so it is made:
 /// the scheduler is frozen with SIGSTOP (it then writes nothing more), its state file, which
@@ -313,7 +290,9 @@ fn state_of(pid: i32) -> Option<char> {
 /// Returns `last`, whose email its successor must send again, and the sink recognise.
 fn kill_between_send_and_record(dir: &Dir, pid: i32) -> i64 {
     kill(pid, Signal::SIGSTOP);
-    wait_until("the scheduler to stop", DEADLINE, || (state_of(pid) == Some('T')).then_some(()));
+    wait_until("the scheduler to stop", DEADLINE, || {
+        (common::state(pid) == Some('T')).then_some(())
+    });
     let state = dir.read("run/scheduler.json");
     let last = json_ints(&state, "last_sent")[0];
     let earlier =
@@ -547,20 +526,6 @@ fn a_sigkilled_master_leaves_no_worker_or_singleton_behind() {
     assert_eq!((status, body.starts_with("AGAIN from flow")), (200, true), "{body}");
     again.signal(Signal::SIGTERM);
     assert_eq!(again.wait_exit(), Some(0));
-}
-
-/// The process ids whose parent is `pid` (from `/proc/*/stat`).
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1));
-        if ppid == Some(pid.to_string().as_str()) && alive(child) {
-            out.push(child);
-        }
-    }
-    out
 }
 
 #[test]

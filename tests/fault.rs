@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{alive, wait_until, Dir, Presup};
+use common::{alive, environ, kill_if_alive as kill, wait_until, Dir, Presup};
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 
 /// A worker serving HTTP on fd 3, up at `READY=1`; the one in slot 1 ignores TERM (it needs
 /// presup's SIGKILL).
@@ -101,7 +100,7 @@ struct Child {
 
 impl Child {
     fn var(&self, key: &str) -> Option<&str> {
-        self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        common::var(&self.env, key)
     }
 
     /// A worker, not a `worker_exit` hook (which gets `PRESUP_WORKER_ID` too).
@@ -116,19 +115,8 @@ fn children(master: i32) -> Vec<Child> {
     for task in tasks.flatten() {
         let kids = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
         for pid in kids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let Some(state) = stat.rsplit(')').next().and_then(|s| s.trim().chars().next()) else {
-                continue;
-            };
-            let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let env = raw
-                .split(|b| *b == 0)
-                .filter_map(|kv| {
-                    let kv = String::from_utf8_lossy(kv);
-                    let (k, v) = kv.split_once('=')?;
-                    k.starts_with("PRESUP_").then(|| (k.to_owned(), v.to_owned()))
-                })
-                .collect();
+            let Some(state) = common::state(pid) else { continue };
+            let env = environ(pid).into_iter().filter(|(k, _)| k.starts_with("PRESUP_")).collect();
             out.push(Child { pid, state, env });
         }
     }
@@ -147,10 +135,6 @@ fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn kill(pid: i32, signal: Signal) {
-    let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
 }
 
 #[test]

@@ -11,15 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{alive, wait_until, Dir, Presup, DEADLINE};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-/// The environment of `pid`, as `KEY=VALUE` strings (empty if it is gone).
-fn environ(pid: i32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    raw.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
-}
+use common::{
+    alive, cmdline, environ, kill, kill_if_alive, pid_field, wait_until, Dir, Presup, DEADLINE,
+};
+use nix::sys::signal::Signal;
 
 /// The pids of every live process whose environment holds all of `vars`.
 fn processes_with(vars: &[String]) -> Vec<i32> {
@@ -27,14 +22,10 @@ fn processes_with(vars: &[String]) -> Vec<i32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| {
             let env = environ(pid);
-            vars.iter().all(|v| env.contains(v)) && alive(pid)
+            let has = |v: &String| env.iter().any(|(k, x)| v.split_once('=') == Some((k, x)));
+            vars.iter().all(has) && alive(pid)
         })
         .collect()
-}
-
-fn cmdline(pid: i32) -> String {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_owned()
 }
 
 /// The process's start time, in clock ticks since boot.
@@ -100,11 +91,6 @@ impl Sampler {
     }
 }
 
-/// The pid in a log line's `pid=` field.
-fn pid_field(line: &str) -> i32 {
-    line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
-}
-
 /// The shell's `sleep`: its child, once it has exec'd (it runs as a copy of `sh` before).
 fn only_child(parent: i32) -> i32 {
     wait_until("the shell's sleep", DEADLINE, || {
@@ -115,17 +101,13 @@ fn only_child(parent: i32) -> i32 {
     })
 }
 
-fn sigkill(pid: i32) {
-    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-}
-
 /// Kills whatever the test's children left, whatever happened (the old code leaves them).
 struct Cleanup(String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for pid in processes_with(std::slice::from_ref(&self.0)) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            kill_if_alive(pid, Signal::SIGKILL);
         }
     }
 }
@@ -149,7 +131,7 @@ fn a_dead_workers_group_is_killed_before_its_slot_restarts_and_the_primary_stays
     let sleep = only_child(shell);
     assert!(cmdline(sleep).starts_with("sleep 1001"), "{}", cmdline(sleep));
     let sampler = Sampler::start(vec![mark.clone(), "PRESUP_PRIMARY=1".to_owned()]);
-    sigkill(shell);
+    kill(shell, Signal::SIGKILL);
     presup.log.wait_for_nth("worker spawned slot=0", 2);
     assert!(!alive(sleep), "the old primary's sleep {sleep} survives beside its replacement");
     let replacement = pid_field(&presup.log.wait_for_nth("worker spawned slot=0", 2));
@@ -177,7 +159,7 @@ fn a_dead_singletons_group_is_killed_before_it_restarts() {
     let shell = pid_field(&presup.log.wait_for("singleton spawned"));
     let sleep = only_child(shell);
     let sampler = Sampler::start(vec![mark.clone(), "PRESUP_SINGLETON=sched".to_owned()]);
-    sigkill(shell);
+    kill(shell, Signal::SIGKILL);
     let line = presup.log.wait_for_nth("singleton spawned", 2);
     assert!(!alive(sleep), "the old instance's sleep {sleep} survives beside the new one");
     only_child(pid_field(&line));
@@ -311,7 +293,7 @@ fn a_killed_watcher_is_replaced_and_the_new_one_knows_every_group() {
     presup.log.wait_for("ready: all workers up");
     let first = presup.watcher_pid();
     let sleep = only_child(pid_field(&presup.log.wait_for("worker spawned slot=0")));
-    sigkill(first);
+    kill(first, Signal::SIGKILL);
     // Logged once the table is written to the new watcher's pipe.
     let line = presup.log.wait_for_nth("watcher started", 2);
     assert!(line.contains("replayed=1 unsent=0"), "{line}");

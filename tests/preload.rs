@@ -10,23 +10,9 @@ use std::path::PathBuf;
 use common::{wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
-/// The example program, beside the `presup` binary, built (or found up to date) by cargo
-/// here: a filtered test run does not build the examples, and a stale one would test old code.
-/// Cargo's lock makes concurrent builds wait for each other.
+/// The example program, built (or found up to date) by cargo here.
 fn example() -> String {
-    example_named("preload")
-}
-
-fn example_named(name: &str) -> String {
-    let bin = PathBuf::from(common::bin());
-    let mut cargo = std::process::Command::new(env!("CARGO"));
-    cargo.args(["build", "--quiet", "--all-features", "--example", name]);
-    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
-    if bin.parent().unwrap().ends_with("release") {
-        cargo.arg("--release");
-    }
-    assert!(cargo.status().unwrap().success(), "cargo build --example {name} failed");
-    bin.parent().unwrap().join("examples").join(name).display().to_string()
+    common::example("preload")
 }
 
 fn config(count: usize, extra: &str) -> String {
@@ -76,9 +62,7 @@ fn record_workers(dir: &Dir, presup: &Presup) {
         .lines()
         .iter()
         .filter(|l| l.contains("worker spawned"))
-        .map(|l| {
-            format!("{}\n", l.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap())
-        })
+        .map(|l| format!("{}\n", common::pid_field(l)))
         .collect();
     std::fs::write(dir.join("pids"), format!("{}{pids}", dir.read("pids"))).unwrap();
 }
@@ -116,11 +100,10 @@ fn preload_runs_once_every_worker_shares_it_and_a_write_stays_in_its_worker() {
     });
 
     // A killed worker is forked again from the preloaded master: no second preload.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(poked), Signal::SIGKILL).unwrap();
+    common::kill(poked, Signal::SIGKILL);
     presup.log.wait_for_nth("worker spawned", 4);
     let line = presup.log.wait_for_nth("worker up (READY=1)", 4);
-    let new = line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap();
-    let new: i32 = new.parse().unwrap();
+    let new = common::pid_field(&line);
     wait_until("the new worker answering", DEADLINE, || {
         let body = get(port, "/");
         (pid_of(&body) == new).then_some(())
@@ -343,7 +326,7 @@ fn answer(mut s: std::net::TcpStream) -> String {
 fn axum_workers_serve_the_preloaded_table_and_drain_on_hup_and_term() {
     let dir = Dir::new();
     dir.write("supervisor.toml", &config(2, ""));
-    let mut presup = Presup::start_program(&dir, &example_named("axum"), &["--mb", "8"]);
+    let mut presup = Presup::start_program(&dir, &common::example("axum"), &["--mb", "8"]);
     let port = presup.port("http");
     presup.log.wait_for("ready: all workers up");
     assert_eq!(get(port, "/lookup/123456"), entry(123_456).to_string());

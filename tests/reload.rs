@@ -13,9 +13,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{alive, Dir, Presup, DEADLINE};
+use common::{
+    alive, children_of, environ, kill, var, wait_dead, wait_until_with, Dir, Presup, DEADLINE,
+};
 use nix::sys::signal::Signal;
 
 /// What every Python fixture worker starts with: helpers, and `up SLOT PID GENERATION` in
@@ -110,40 +112,20 @@ fn ups(dir: &Dir) -> Vec<Up> {
         .collect()
 }
 
-/// Polls `f` until it returns `Some`; at the deadline, fails with `what` and the context.
-fn wait<T>(
-    what: &str,
-    deadline: Duration,
-    context: impl Fn() -> String,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn context(dir: &Dir, presup: &Presup) -> String {
-    format!("events:\n{}\nlog:\n{}", dir.read("events"), presup.log.text())
+/// What a failed wait shows besides the master's log: the fixtures' `events`.
+fn context(dir: &Dir, _presup: &Presup) -> String {
+    format!("events:\n{}", dir.read("events"))
 }
 
 /// Waits for an `up` event matching `f`.
 fn wait_up(dir: &Dir, presup: &Presup, what: &str, f: impl Fn(&Up) -> bool) -> Up {
-    wait(what, DEADLINE, || context(dir, presup), || ups(dir).into_iter().find(|u| f(u)))
+    wait_until_with(what, DEADLINE, || context(dir, presup), || ups(dir).into_iter().find(|u| f(u)))
 }
 
 /// Waits until `n` workers of `generation` have recorded `up`.
 fn wait_generation(dir: &Dir, presup: &Presup, generation: u64, n: usize) -> Vec<Up> {
     let what = format!("{n} workers of generation {generation}");
-    wait(
+    wait_until_with(
         &what,
         DEADLINE,
         || context(dir, presup),
@@ -156,7 +138,7 @@ fn wait_generation(dir: &Dir, presup: &Presup, generation: u64, n: usize) -> Vec
 
 /// Waits for the event line `line` exactly.
 fn wait_event(dir: &Dir, presup: &Presup, line: &str) {
-    wait(
+    wait_until_with(
         &format!("event {line:?}"),
         DEADLINE,
         || context(dir, presup),
@@ -169,15 +151,6 @@ fn at(events: &[String], line: &str) -> usize {
     events.iter().position(|e| e == line).unwrap_or_else(|| panic!("no {line:?} in {events:#?}"))
 }
 
-fn wait_dead(dir: &Dir, presup: &Presup, pid: i32) {
-    wait(
-        &format!("pid {pid} to die"),
-        DEADLINE,
-        || context(dir, presup),
-        || (!alive(pid)).then_some(()),
-    );
-}
-
 // ---- the master's log ----
 
 /// Whether a log line is about `pid` (its `pid=` field, exactly).
@@ -188,7 +161,7 @@ fn about(line: &str, pid: i32) -> bool {
 
 /// Waits for a log line containing `needle` about `pid`.
 fn wait_log(dir: &Dir, presup: &Presup, needle: &str, pid: i32) -> String {
-    wait(
+    wait_until_with(
         &format!("{needle:?} for pid {pid}"),
         DEADLINE,
         || context(dir, presup),
@@ -206,18 +179,14 @@ fn generation_of(line: &str) -> u64 {
 
 /// The master's notification socket, from the environment of a recorded worker.
 fn notify_socket(dir: &Dir, presup: &Presup) -> PathBuf {
-    wait(
+    wait_until_with(
         "a worker's NOTIFY_SOCKET",
         DEADLINE,
         || context(dir, presup),
         || {
             ups(dir).iter().find_map(|u| {
                 // Empty while the worker is in the middle of an exec: the next poll reads it.
-                let raw = std::fs::read(format!("/proc/{}/environ", u.pid)).ok()?;
-                raw.split(|&b| b == 0).find_map(|kv| {
-                    let kv = std::str::from_utf8(kv).ok()?;
-                    kv.strip_prefix("NOTIFY_SOCKET=").map(PathBuf::from)
-                })
+                var(&environ(u.pid), "NOTIFY_SOCKET").map(PathBuf::from)
             })
         },
     )
@@ -234,33 +203,6 @@ fn barrier(presup: &Presup, socket: &Path) {
     presup.log.wait_for_nth(needle, n);
 }
 
-fn kill(pid: i32, sig: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-}
-
-/// The live (non-zombie) children of `parent`, from `/proc`.
-fn children_of(parent: i32) -> BTreeSet<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return BTreeSet::new() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            let mut f = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-            let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<i32>().ok()));
-            ppid == Some(parent) && !matches!(state, Some("Z") | Some("X"))
-        })
-        .collect()
-}
-
-/// The period under test while a worker stays unready: three times the `min_uptime` of
-/// [`notify_config`], after which a spawn-mode worker would be up.
-fn hold(since: Instant) {
-    std::thread::sleep(Duration::from_millis(300).saturating_sub(since.elapsed()));
-}
-
 // ---- the tests ----
 
 /// Startup waits for every worker's `READY=1`, and a reload stops the old worker of a slot
@@ -268,10 +210,18 @@ fn hold(since: Instant) {
 #[test]
 fn notify_workers_gate_startup_and_reload() {
     let dir = Dir::new();
-    // Each worker sends READY=1 once `go-GEN` or `go-GEN-SLOT` exists.
+    // Each worker sends READY=1 once `go-GEN` or `go-GEN-SLOT` exists. Unready for three times
+    // the `min_uptime` of `notify_config` (after which a spawn-mode worker would be up, and
+    // counted from after its spawn), it records `held SLOT PID GEN`: the period under test.
     python_worker(
         &dir,
-        r#"wait_file(f"go-{GEN}", f"go-{GEN}-{SLOT}")
+        r#"start = time.monotonic()
+held = False
+while not any(os.path.exists(n) for n in (f"go-{GEN}", f"go-{GEN}-{SLOT}")):
+    if not held and time.monotonic() - start >= 0.3:
+        event("held", SLOT, PID, GEN)
+        held = True
+    time.sleep(0.005)
 event("ready", SLOT, PID, GEN)
 notify("READY=1")
 forever()"#,
@@ -284,12 +234,11 @@ forever()"#,
 
     // Startup: slots 1 and 2 ready, slot 0 not yet: the boot is not over, however long slot
     // 0 takes (here three times the `min_uptime` that would make it up in spawn mode).
-    let held = Instant::now();
     for slot in [1, 2] {
         dir.write(&format!("go-1-{slot}"), "");
         wait_log(&dir, &presup, "worker up (READY=1)", old[slot]);
     }
-    hold(held);
+    wait_event(&dir, &presup, &format!("held 0 {} 1", old[0]));
     barrier(&presup, &socket);
     assert_eq!(presup.log.count("ready: all workers up"), 0, "{}", presup.log.text());
     assert_eq!(presup.log.count("worker up (READY=1)"), 2);
@@ -306,7 +255,7 @@ forever()"#,
     presup.signal(Signal::SIGHUP);
     let new1 = wait_up(&dir, &presup, "slot 1 of generation 2", |u| u.generation == 2);
     assert_eq!(new1.slot, 1, "slot 1 is replaced first");
-    hold(Instant::now());
+    wait_event(&dir, &presup, &format!("held 1 {} 2", new1.pid));
     barrier(&presup, &socket);
     assert!(old.iter().all(|&p| alive(p)), "an old worker died before its successor was ready");
     assert_eq!(presup.log.count("stopping worker"), 0, "{}", presup.log.text());
@@ -326,7 +275,7 @@ forever()"#,
     assert_eq!(generation_of(&done), 2, "{done}");
     let gen2 = wait_generation(&dir, &presup, 2, 3);
     for &pid in &old {
-        wait_dead(&dir, &presup, pid);
+        wait_dead(pid);
     }
     let slots: BTreeSet<usize> = gen2.iter().map(|u| u.slot).collect();
     assert_eq!(slots, BTreeSet::from([0, 1, 2]));
@@ -404,7 +353,7 @@ fn a_reload_whose_workers_exit_at_once_is_undone_and_the_old_ones_keep_serving()
     assert_eq!(generation_of(&done), 3, "{done}");
     let gen3: BTreeSet<i32> = wait_generation(&dir, &presup, 3, 2).iter().map(|u| u.pid).collect();
     for &pid in &serving {
-        wait_dead(&dir, &presup, pid);
+        wait_dead(pid);
     }
     answering(&dir, &presup, port, &gen3, 3);
     let bad = events(&dir).iter().filter(|e| e.starts_with("bad ")).count();
@@ -415,7 +364,7 @@ fn a_reload_whose_workers_exit_at_once_is_undone_and_the_old_ones_keep_serving()
 /// `generation`.
 fn answering(dir: &Dir, presup: &Presup, port: u16, pids: &BTreeSet<i32>, generation: u64) {
     let mut seen = BTreeSet::new();
-    wait(
+    wait_until_with(
         &format!("answers from {pids:?}"),
         DEADLINE,
         || context(dir, presup),
@@ -523,7 +472,7 @@ fn a_hup_storm_leaves_exactly_n_workers_of_the_last_generation() {
     // Every HUP has been taken once the barrier sent after them is.
     barrier(&presup, &socket);
     let storm = Duration::from_secs(60);
-    let last = wait(
+    let last = wait_until_with(
         "the last reload done",
         storm,
         || context(&dir, &presup),
@@ -537,7 +486,7 @@ fn a_hup_storm_leaves_exactly_n_workers_of_the_last_generation() {
     );
     assert!((2..=51).contains(&last), "generation {last}");
     // Stopped workers of older generations may still be on their way out.
-    let live = wait(
+    let live = wait_until_with(
         "only the last generation alive",
         storm,
         || context(&dir, &presup),
@@ -553,7 +502,7 @@ fn a_hup_storm_leaves_exactly_n_workers_of_the_last_generation() {
     // but the watcher.
     let mut pids: BTreeSet<i32> = live.iter().map(|u| u.pid).collect();
     pids.insert(presup.watcher_pid());
-    let children = wait(
+    let children = wait_until_with(
         "the master's children to be its workers",
         storm,
         || context(&dir, &presup),
@@ -604,7 +553,7 @@ forever()"#,
     wait_log(&dir, &presup, "worker up (READY=1)", new1.pid);
     assert!(alive(old1), "the retiring worker was stopped");
     dir.write("finish-1", "");
-    wait_dead(&dir, &presup, old1);
+    wait_dead(old1);
     let exit = wait_log(&dir, &presup, "exited with code 0", old1);
     assert!(!exit.contains("SIGKILL"), "{exit}");
     assert!(alive(new1.pid) && alive(old0));
@@ -649,7 +598,7 @@ fn an_undone_reload_keeps_the_listener_it_removed() {
         )
     };
     // A fixed port: binding it again while the old workers hold it would fail.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let admin = format!("[[listen]]\nname = \"admin\"\naddress = \"127.0.0.1:{port}\"\n");
     let first =
         config("./app.sh", &admin).replace("min_uptime = \"10s\"", "min_uptime = \"200ms\"");

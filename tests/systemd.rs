@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Dir, Presup, DEADLINE};
+use common::{environ, free_port, kill, wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
 const WORKER: &str = "exec sleep 1000";
@@ -204,24 +204,11 @@ fn a_watchdog_meant_for_another_pid_is_not_pinged() {
     drop(presup);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Waits for the master started by a wrapper, and records its pid for the leak check.
 fn wrapped_master(dir: &Dir, presup: &Presup) -> i32 {
     let pid = presup.master_pid();
-    std::fs::write(dir.join("pids"), format!("{}{pid}\n", dir.read("pids"))).unwrap();
+    dir.record_pid(pid);
     pid
-}
-
-fn env_of(pid: i32) -> Vec<(String, String)> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|b| *b == 0)
-        .filter_map(|kv| {
-            String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.into(), v.into()))
-        })
-        .collect()
 }
 
 #[test]
@@ -285,8 +272,8 @@ min_uptime = "100ms"
     // NOTIFY_SOCKET, and none of what systemd-socket-activate gave the master.
     presup.log.wait_for("ready: all workers up");
     let worker: i32 = body.split_whitespace().nth(3).unwrap().parse().unwrap();
-    let env = env_of(worker);
-    let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let env = environ(worker);
+    let get = |k: &str| common::var(&env, k);
     assert_eq!(get("LISTEN_FDS"), Some("3"));
     assert_eq!(get("LISTEN_FDNAMES"), Some("http:admin:extra"));
     assert_eq!(get("LISTEN_PID"), Some(worker.to_string().as_str()));
@@ -296,7 +283,7 @@ min_uptime = "100ms"
     assert!(tcp_nodelay_of(worker, 3), "the inherited TCP listener has no TCP_NODELAY");
     assert!(tcp_nodelay_of(worker, 5), "the bound TCP listener has no TCP_NODELAY");
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(master), Signal::SIGTERM).unwrap();
+    kill(master, Signal::SIGTERM);
     presup.log.wait_for("master stopped");
     assert_eq!(presup.wait_exit(), Some(0));
     assert!(admin.exists(), "presup never unlinks a socket file systemd created");

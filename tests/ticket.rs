@@ -2,9 +2,9 @@
 //! side (the environment, the CLI, USR1, a state file across restarts) and the HTTP endpoint
 //! with real clients, hanging up included.
 //!
-//! Racing processes are this test binary run again as `child_entry` (one test that does
-//! nothing unless `TICKET_CHILD` is set), so that each takes turns through the Rust API and
-//! records the instant of each grant.
+//! Racing processes are a helper program, `tests/helpers/ticket_child.rs` (built as the
+//! example `ticket_child`), so that each takes turns through the Rust API and records the
+//! instant of each grant.
 
 mod common;
 
@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Dir, Presup, DEADLINE};
+use common::{free_port, wait_until, Dir, KillOnDrop, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use presup::config;
@@ -23,34 +23,19 @@ use presup::ticket::{self, Ticket, Tickets};
 
 const MS: u64 = 1_000_000;
 
-/// One racing process: `TICKET_CHILD=path`, takes `TICKET_COUNT` turns for `TICKET_SHARD`
-/// and appends `bucket at returned` (ns of CLOCK_MONOTONIC) to `TICKET_OUT` for each.
-#[test]
-fn child_entry() {
-    let Some(path) = std::env::var_os("TICKET_CHILD") else { return };
-    let var = |name: &str| std::env::var(name).unwrap();
-    let ticket = Ticket::open(Path::new(&path)).unwrap();
-    let (shard, count): (u64, u64) =
-        (var("TICKET_SHARD").parse().unwrap(), var("TICKET_COUNT").parse().unwrap());
-    let mut out =
-        std::fs::OpenOptions::new().append(true).create(true).open(var("TICKET_OUT")).unwrap();
-    for _ in 0..count {
-        let g = ticket.acquire(shard);
-        let returned = ticket::now();
-        // One write per line, O_APPEND: lines of different processes never mix.
-        out.write_all(format!("{} {} {returned}\n", g.bucket, g.at_ns()).as_bytes()).unwrap();
-    }
-}
-
-/// Racing processes, killed and reaped when dropped.
+/// Racing processes (`tests/helpers/ticket_child.rs`), killed and reaped when dropped.
 struct Racers {
-    children: Vec<Child>,
+    program: String,
+    children: Vec<KillOnDrop>,
 }
 
 impl Racers {
+    fn new() -> Racers {
+        Racers { program: common::example("ticket_child"), children: vec![] }
+    }
+
     fn spawn(&mut self, path: &Path, shard: u64, count: u64, out: &Path) {
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        let child = Command::new(&self.program)
             .env("TICKET_CHILD", path)
             .env("TICKET_SHARD", shard.to_string())
             .env("TICKET_COUNT", count.to_string())
@@ -58,7 +43,7 @@ impl Racers {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        self.children.push(child);
+        self.children.push(KillOnDrop(child));
     }
 
     /// Waits for every racer to exit 0.
@@ -73,15 +58,6 @@ impl Racers {
                 assert!(Instant::now() < end, "racers still running after {deadline:?}");
                 std::thread::sleep(Duration::from_millis(10));
             }
-        }
-    }
-}
-
-impl Drop for Racers {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -140,7 +116,7 @@ fn sixteen_processes_share_four_buckets_exactly() {
     let spacing = 21 * MS;
     let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_millis(20), 4, None));
     let out = dir.join("grants");
-    let mut racers = Racers { children: vec![] };
+    let mut racers = Racers::new();
     for p in 0..16 {
         racers.spawn(&path, p, 100, &out);
     }
@@ -168,7 +144,7 @@ fn the_daily_limit_holds_while_processes_are_killed_as_they_wait() {
     let daily = Some((limit, Duration::from_nanos(period)));
     let (_tickets, path) = make_ticket(dir.path(), spec(Duration::from_nanos(interval), 2, daily));
     let out = dir.join("grants");
-    let mut racers = Racers { children: vec![] };
+    let mut racers = Racers::new();
     for p in 0..6 {
         racers.spawn(&path, p, u64::MAX, &out);
     }
@@ -360,7 +336,7 @@ fn the_http_endpoint_speaks_gateway_queue_and_survives_clients_that_hang_up() {
     // Nothing is wedged: every connection thread ends (the server is back to its one thread)
     // and at most one turn of bucket 1 was taken, not twenty.
     let server = presup.log.wait_for("singleton spawned singleton=ticket:t");
-    let pid: i32 = server.split("pid=").nth(1).unwrap().trim().parse().unwrap();
+    let pid = common::pid_field(&server);
     let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
     wait_until("the server's threads to end", DEADLINE, || (threads() == 1).then_some(()));
     let path = wait_until("the worker's record", DEADLINE, || {
@@ -451,7 +427,7 @@ fn consecutive_http_grants_of_a_bucket_are_an_interval_apart_at_the_client() {
 /// `presup ticket-server t` run by the test itself on the loopback (as the master runs it),
 /// with ticket `t`'s file made in `dir`; killed and reaped when dropped.
 struct Server {
-    child: Child,
+    child: KillOnDrop,
     log: common::Log,
     port: u16,
     _tickets: Tickets,
@@ -485,7 +461,7 @@ impl Server {
         let line = log.wait_for("ticket server listening");
         let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
         let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server { child, log, port, _tickets: tickets }
+        Server { child: KillOnDrop(child), log, port, _tickets: tickets }
     }
 
     fn connect(&self) -> TcpStream {
@@ -499,13 +475,6 @@ impl Server {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
         let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -597,14 +566,9 @@ fn a_connection_without_a_request_is_cut_after_the_request_timeout_one_waiting_i
     assert_eq!(ask(&mut prompt, 1).as_deref(), Some("HTTP/1.1 200 OK"));
 }
 
-/// A free TCP port on the loopback (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The stand-in gateway of examples/sharded-bot, killed when dropped.
 struct Gateway {
-    child: Child,
+    _child: KillOnDrop,
     port: u16,
 }
 
@@ -623,7 +587,7 @@ impl Gateway {
         let port = wait_until("the gateway's port", DEADLINE, || {
             std::fs::read_to_string(&port_file).ok()?.trim().parse().ok()
         });
-        Gateway { child, port }
+        Gateway { _child: KillOnDrop(child), port }
     }
 
     /// `(identifies, violations, live shards)`.
@@ -643,19 +607,6 @@ impl Gateway {
             live.split(',').filter(|s| !s.trim().is_empty()).count(),
         )
     }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The pid of the `n`-th worker spawned in `slot`, from the master's log.
-fn worker_pid(presup: &Presup, slot: usize, n: usize) -> i32 {
-    let line = presup.log.wait_for_nth(&format!("worker spawned slot={slot} "), n);
-    line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -693,10 +644,10 @@ fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kill
     // Workers 1 (HTTP) and 2 (CLI) are killed with their children; their 16 shards identify
     // again. The new worker 1 is killed too while its shards wait for their turns.
     for slot in [1, 2] {
-        nix::sys::signal::killpg(Pid::from_raw(worker_pid(&presup, slot, 1)), Signal::SIGKILL)
+        nix::sys::signal::killpg(Pid::from_raw(presup.worker_pid(slot, 1)), Signal::SIGKILL)
             .unwrap();
     }
-    let again = worker_pid(&presup, 1, 2);
+    let again = presup.worker_pid(1, 2);
     // Its 8 shards queue behind the 8 of worker 2 (2 buckets, 250 ms turns): once all 8 ask
     // the ticket server, they wait for about a second.
     let mine = format!(" {again}");
@@ -706,20 +657,12 @@ fn the_sharded_bot_example_identifies_32_shards_without_a_violation_through_kill
     let hung_up_before = presup.log.count("client hung up while waiting");
     nix::sys::signal::killpg(Pid::from_raw(again), Signal::SIGKILL).unwrap();
     presup.log.wait_for_nth("client hung up while waiting", hung_up_before + 1);
-    worker_pid(&presup, 1, 3);
+    presup.worker_pid(1, 3);
     let second = all_live(first + 16);
     let (_, violations, _) = gateway.stats();
     assert_eq!(violations, 0);
     // The same bot without the ticket: the gateway refuses its IDENTIFYs.
-    /// Killed and reaped however the test ends.
-    struct Rogue(std::process::Child);
-    impl Drop for Rogue {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _rogue = Rogue(
+    let _rogue = KillOnDrop(
         common::python3()
             .arg("bot.py")
             .current_dir(dir.path())
@@ -782,15 +725,7 @@ fn a_ticket_on_a_full_filesystem_is_exit_3_naming_the_file_and_leaves_nothing_be
 
 /// `examples/twilight_shards.rs`, built (with the twilight feature) or found up to date.
 fn twilight_example() -> String {
-    let bin = PathBuf::from(common::bin());
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--quiet", "--all-features", "--example", "twilight_shards"]);
-    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
-    if bin.parent().unwrap().ends_with("release") {
-        cargo.arg("--release");
-    }
-    assert!(cargo.status().unwrap().success(), "cargo build --example twilight_shards failed");
-    bin.parent().unwrap().join("examples/twilight_shards").display().to_string()
+    common::example("twilight_shards")
 }
 
 /// `(shard, pid, ns)` of each `granted` line.
@@ -817,7 +752,7 @@ fn twilight_s_queue_on_a_ticket_spaces_each_bucket_across_workers_and_a_kill() {
     dir.write("supervisor.toml", &toml);
     let events = dir.join("events").display().to_string();
     let presup = Presup::start_with(&dir, &[], &[("TWILIGHT_EVENTS", events.as_str())]);
-    let workers: Vec<i32> = (0..4).map(|slot| worker_pid(&presup, slot, 1)).collect();
+    let workers: Vec<i32> = (0..4).map(|slot| presup.worker_pid(slot, 1)).collect();
     std::fs::write(dir.join("pids"), workers.iter().map(|p| format!("{p}\n")).collect::<String>())
         .unwrap();
     // Kill worker 1 in the middle: once every worker has queued its shards and the first turns
@@ -827,9 +762,9 @@ fn twilight_s_queue_on_a_ticket_spaces_each_bucket_across_workers_and_a_kill() {
         (queued == 4 && twilight_grants(&dir).len() >= 2).then_some(())
     });
     let victim = workers[1];
-    nix::sys::signal::kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
-    let again = worker_pid(&presup, 1, 2);
-    dir.write("pids", &format!("{}{again}\n", dir.read("pids")));
+    common::kill(victim, Signal::SIGKILL);
+    let again = presup.worker_pid(1, 2);
+    dir.record_pid(again);
     // Every shard identifies: those of the killed worker from its replacement.
     let grants = wait_until("16 shards granted", Duration::from_secs(60), || {
         let g = twilight_grants(&dir);

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{alive, wait_until, Dir, Presup, DEADLINE};
+use common::{alive, environ, kill, var as get, wait_dead, wait_until, Dir, Presup, DEADLINE};
 use nix::sys::signal::Signal;
 
 /// A worker that records `up SLOT PID GENERATION` and then sleeps (exec, so the recorded pid
@@ -54,23 +54,13 @@ min_uptime = "100ms"
     )
 }
 
-fn kill(pid: i32, sig: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-}
-
-fn wait_dead(pid: i32) {
-    wait_until(&format!("pid {pid} to die"), DEADLINE, || (!alive(pid)).then_some(()));
-}
-
-/// fd number → link target, for a live process.
 /// Whether `pid` runs `sleep` and is blocked in it (state S): done starting up.
 fn asleep_in_sleep(pid: i32) -> bool {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
-    comm.trim() == "sleep" && state == Some("S")
+    comm.trim() == "sleep" && common::state(pid) == Some('S')
 }
 
+/// fd number → link target, for a live process.
 fn fds_of(pid: i32) -> Vec<(i32, String)> {
     let mut v: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -90,17 +80,7 @@ fn env_of(pid: i32) -> Vec<(String, String)> {
     wait_until("the worker to exec sleep", DEADLINE, || {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
     });
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|&b| b == 0)
-        .filter_map(|kv| {
-            let s = String::from_utf8_lossy(kv);
-            s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))
-        })
-        .collect()
-}
-
-fn get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    environ(pid)
 }
 
 #[test]
@@ -204,6 +184,7 @@ fn backoff_grows_while_a_slot_crashes_and_resets_after_a_healthy_run() {
         "worker.sh",
         r#"if [ "$PRESUP_WORKER_ID" = 1 ] && [ -e crash ]; then exit 1; fi
 echo "up $PRESUP_WORKER_ID $$ $PRESUP_GENERATION" >> events
+if [ -e healing ]; then sleep 1.2; echo "healthy $$" >> events; fi
 exec sleep 1000"#,
     );
     let backoff = r#"restart_backoff = { initial = "50ms", max = "400ms", reset = "1s" }"#;
@@ -225,12 +206,17 @@ exec sleep 1000"#,
         .take(6)
         .collect();
     assert_eq!(delays, ["0s", "50ms", "100ms", "200ms", "400ms", "400ms"]);
-    // Healed, it stays up past `reset`; its next death restarts at once.
+    // Healed, it stays up past `reset` (the worker says so once it has run 1.2 s, counted from
+    // after its spawn); its next death restarts at once.
+    dir.write("healing", "");
     std::fs::remove_file(dir.join("crash")).unwrap();
     let healed = wait_until("slot 1 up again", DEADLINE, || {
         ups(&dir).into_iter().skip(2).find(|u| u.slot == 1)
     });
-    std::thread::sleep(Duration::from_millis(1200)); // the healthy run under test
+    let healthy = format!("healthy {}", healed.pid);
+    wait_until("the healed worker's healthy run", DEADLINE, || {
+        dir.lines("events").contains(&healthy).then_some(())
+    });
     let before = presup.log.count("restart scheduled in");
     kill(healed.pid, Signal::SIGKILL);
     let line = presup.log.wait_for_nth("restart scheduled in", before + 1);

@@ -5,7 +5,9 @@
 //! exclusively may rewrite it (a new boot, new sizes); it writes the new state to a temporary
 //! file and renames it over, so no process ever maps a half-written header. A master that
 //! finds another one holding the file joins it only if the file is of this boot and has the
-//! same sizes and rules.
+//! same sizes and rules. Whenever the file it locked (or turned from exclusive to shared) is no
+//! longer the one at the path, another master replaced it meanwhile: it starts again with the
+//! file now there ([`crate::lockfile`]), so that two masters never use two files.
 //!
 //! When the sizes or rules changed, what is known of the last grants is carried over so that
 //! no grant comes sooner than both the old and the new rules allow ([`carry_over`]).
@@ -21,6 +23,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::layout::{Mapping, Params};
 use crate::directory::Directory;
+use crate::lockfile::{self, Hold, IfHeld};
 
 /// What was found at a state file's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,13 +86,35 @@ pub fn persistent(
             return Err(FileError::Refused(why));
         }
     }
-    let (lock, exclusive) = lock_current(&dir, &name)?;
+    loop {
+        if let Some(held) = attempt(&dir, &name, p, boot)? {
+            return Ok(held);
+        }
+    }
+}
+
+/// One try of [`persistent`]: locks the file at `name` (exclusively if no other master holds
+/// it), checks it and, held exclusively, rewrites it if it must. `None`: the file at the path
+/// was replaced while its exclusive lock turned shared ([`lockfile::share`]); the lock held is
+/// on a file no other master opens, so the caller tries again with the file now there.
+fn attempt(
+    dir: &Directory,
+    name: &OsString,
+    p: &Params,
+    boot: [u64; 2],
+) -> Result<Option<(Flock<File>, Found)>, FileError> {
+    let Some((lock, hold)) = lockfile::lock(dir, name, 0o600, IfHeld::Share)? else {
+        unreachable!("a state file held by another master is shared, never given up on");
+    };
     let found = inspect(&lock, p, boot)?;
     if found == Found::Kept {
-        lock.relock(FlockArg::LockShared).map_err(io::Error::from)?;
-        return Ok((lock, found));
+        let shared = match hold {
+            Hold::Shared => Some(lock),
+            Hold::Exclusive => lockfile::share(dir, name, lock)?,
+        };
+        return Ok(shared.map(|lock| (lock, found)));
     }
-    if !exclusive {
+    if hold == Hold::Shared {
         return Err(FileError::Refused(format!(
             "another presup uses this state file with other settings ({found:?}); stop it, or \
              give this ticket another path"
@@ -112,38 +137,17 @@ pub fn persistent(
         .map_err(|(_, e)| io::Error::from(e))
         .and_then(|new| {
             write_state(&new, &state, boot)?;
-            dir.rename(&tmp, &name)?;
+            dir.rename(&tmp, name)?;
             Ok(new)
         });
     let new = written.inspect_err(|_| {
         let _ = dir.remove(&tmp);
-        // An empty file held exclusively is the one `lock_current` made (or nothing): gone too.
-        if found == Found::Nothing && dir.holds(&name, &lock) {
-            let _ = dir.remove(&name);
+        // An empty file held exclusively is the one `lockfile::lock` made (or nothing): gone too.
+        if found == Found::Nothing && dir.holds(name, &lock) {
+            let _ = dir.remove(name);
         }
     })?;
-    new.relock(FlockArg::LockShared).map_err(io::Error::from)?;
-    Ok((new, found))
-}
-
-/// Opens `name` (creating it empty if needed) and locks it: exclusively if no other master
-/// holds it, else shared. Retries if the file was replaced in between.
-fn lock_current(dir: &Directory, name: &OsString) -> io::Result<(Flock<File>, bool)> {
-    loop {
-        let f = dir.open_file(name, true, 0o600)?;
-        let (lock, exclusive) = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => (l, true),
-            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                let l =
-                    Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?;
-                (l, false)
-            }
-            Err((_, e)) => return Err(e.into()),
-        };
-        if dir.holds(name, &lock) {
-            return Ok((lock, exclusive));
-        }
-    }
+    Ok(lockfile::share(dir, name, new)?.map(|new| (new, found)))
 }
 
 fn inspect(f: &File, p: &Params, boot: [u64; 2]) -> Result<Found, FileError> {

@@ -4,8 +4,16 @@
 //! Waits are event-driven with generous deadlines: the master's log lines arrive through a
 //! pipe (read by a thread that wakes waiters), and fixture children leave files behind that
 //! [`wait_until`] polls cheaply. A [`Presup`] kills what it started when dropped and fails the
-//! test if any process it knows of outlives it.
+//! test if any process it knows of outlives it. A wait that times out shows the tail of the
+//! log of every master the test started.
+//!
+//! Here: the master ([`Presup`], its [`Log`]), the test's directory ([`Dir`]), waits, log fields
+//! ([`field`], [`pid_field`]), ports, example programs ([`example`]), the tests' Python. In
+//! `process.rs`: signals, `/proc` readers, [`wait_dead`], [`KillOnDrop`].
 #![allow(dead_code)]
+
+mod process;
+pub use process::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,25 +24,111 @@ use std::time::{Duration, Instant};
 /// The default deadline of a wait: generous, since CI machines are slow and shared.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
-pub fn wait_until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline, showing the last
+/// lines of the log of every master this test thread started (see [`wait_until_with`]).
+pub fn wait_until<T>(what: &str, deadline: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_until_with(what, deadline, String::new, f)
+}
+
+/// Like [`wait_until`], with `context()` (the fixtures' record, say) in the failure too.
+pub fn wait_until_with<T>(
+    what: &str,
+    deadline: Duration,
+    context: impl FnOnce() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let end = Instant::now() + deadline;
     let mut pause = Duration::from_millis(1);
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        if Instant::now() >= end {
+            let context = context();
+            let sep = if context.is_empty() || context.ends_with('\n') { "" } else { "\n" };
+            panic!(
+                "timed out after {deadline:?} waiting for {what}\n{context}{sep}{}",
+                masters_logs()
+            );
+        }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(25));
     }
 }
 
+/// How many of a master's last log lines a failed wait shows.
+const LOG_TAIL: usize = 60;
+
+thread_local! {
+    /// The logs of the masters started on this thread (a test's), for failed waits to show.
+    static MASTERS: std::cell::RefCell<Vec<std::sync::Weak<Shared>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The tail of the log of each master of this thread that is still around.
+fn masters_logs() -> String {
+    let logs: Vec<Log> = MASTERS.with(|m| {
+        m.borrow().iter().filter_map(|w| w.upgrade()).map(|inner| Log { inner }).collect()
+    });
+    let mut out = String::new();
+    for (i, log) in logs.iter().enumerate() {
+        let lines = log.lines();
+        let skip = lines.len().saturating_sub(LOG_TAIL);
+        out.push_str(&format!(
+            "master {} log ({} of {} lines):\n",
+            i + 1,
+            lines.len() - skip,
+            lines.len()
+        ));
+        for l in &lines[skip..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The value of the `name=` field of a log line (a whitespace-separated word).
+pub fn field<T: std::str::FromStr>(line: &str, name: &str) -> T {
+    let prefix = format!("{name}=");
+    let value = line.split_whitespace().find_map(|w| w.strip_prefix(prefix.as_str()));
+    value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+/// The `pid=` field of a log line.
+pub fn pid_field(line: &str) -> i32 {
+    field(line, "pid")
+}
+
+/// A free TCP port on the loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The example program `name` (of `Cargo.toml`'s examples), beside the `presup` binary, built
+/// with every feature (or found up to date) by cargo here: a filtered test run does not build
+/// the examples, and a stale one would test old code. Cargo's lock makes concurrent builds
+/// wait for each other.
+pub fn example(name: &str) -> String {
+    let bin = PathBuf::from(bin());
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "--all-features", "--example", name]);
+    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
+    if bin.parent().unwrap().ends_with("release") {
+        cargo.arg("--release");
+    }
+    assert!(cargo.status().unwrap().success(), "cargo build --example {name} failed");
+    bin.parent().unwrap().join("examples").join(name).display().to_string()
+}
+
 /// The log lines of a master, shared with the thread that reads them.
 #[derive(Clone, Default)]
 pub struct Log {
-    inner: Arc<(Mutex<LogState>, Condvar)>,
+    inner: Arc<Shared>,
 }
+
+/// A log's lines, and the condition its waiters wait on.
+type Shared = (Mutex<LogState>, Condvar);
 
 #[derive(Default)]
 struct LogState {
@@ -159,6 +253,15 @@ impl Dir {
 
     pub fn lines(&self, name: &str) -> Vec<String> {
         self.read(name).lines().map(str::to_owned).collect()
+    }
+
+    /// Records `pid` as a fixture would, so that the harness checks it does not outlive the
+    /// test (a process that runs no fixture script: a forked worker, a wrapped master).
+    pub fn record_pid(&self, pid: i32) {
+        use std::io::Write;
+        let mut f =
+            std::fs::OpenOptions::new().append(true).create(true).open(self.join("pids")).unwrap();
+        writeln!(f, "{pid}").unwrap();
     }
 
     /// Every pid a fixture recorded.
@@ -308,6 +411,7 @@ impl Presup {
         }
         let mut child = cmd.spawn().expect("spawn presup");
         let log = Log::default();
+        MASTERS.with(|m| m.borrow_mut().push(Arc::downgrade(&log.inner)));
         match child.stderr.take() {
             Some(pipe) => log.clone().follow(pipe),
             None => log.close(),
@@ -321,15 +425,18 @@ impl Presup {
 
     /// The master's pid, from its first log line.
     pub fn master_pid(&self) -> i32 {
-        let line = self.log.wait_for("master started");
-        line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+        pid_field(&self.log.wait_for("master started"))
     }
 
     /// The pid of the master's watcher (a child of the master that is not one of its
     /// workers, singletons or hooks), from its log.
     pub fn watcher_pid(&self) -> i32 {
-        let line = self.log.wait_for("watcher started");
-        line.split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+        pid_field(&self.log.wait_for("watcher started"))
+    }
+
+    /// The pid of the `n`-th worker spawned in `slot` (counting from 1), from the log.
+    pub fn worker_pid(&self, slot: usize, n: usize) -> i32 {
+        pid_field(&self.log.wait_for_nth(&format!("worker spawned slot={slot} "), n))
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -383,17 +490,6 @@ impl Drop for Presup {
         if !left.is_empty() && !std::thread::panicking() {
             panic!("processes outlived the test: {left:?}");
         }
-    }
-}
-
-/// Whether `pid` is a live process (a zombie counts as dead).
-pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
     }
 }
 
