@@ -41,6 +41,29 @@ pub enum SpawnError {
     Chdir { dir: PathBuf, source: io::Error },
     #[error("cannot set up the child ({step}): {source}")]
     Setup { step: &'static str, source: io::Error },
+    #[error("the master runs {0} threads and forks only with one: fork() copies only the calling thread, so a lock another thread holds would stay locked forever in the child")]
+    Threads(usize),
+}
+
+/// How many threads this process has (from `/proc/self/status`; 1 if it cannot be read).
+pub fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+/// Checked before every fork of a child (exec'd or not): the child of a process with other
+/// threads may find a lock (malloc's, say) held forever, and a forked preload worker
+/// allocates. The master checks at startup, before the watcher and around the preload; this
+/// catches a thread started since (a few microseconds per fork).
+fn single_threaded() -> Result<(), SpawnError> {
+    match thread_count() {
+        1 => Ok(()),
+        n => Err(SpawnError::Threads(n)),
+    }
 }
 
 /// A command ready to be forked and exec'd any number of times.
@@ -176,6 +199,7 @@ impl Command {
     /// Forks and execs, placing `fds` at 3, 4, ... in the child. Returns once the child has
     /// exec'd (or failed to).
     pub fn spawn(&self, fds: &[RawFd]) -> Result<Pid, SpawnError> {
+        single_threaded()?;
         let mut env = self.env.clone();
         // Every pointer into `env` comes from this one mutable pass.
         let entries: Vec<*mut u8> = env.iter_mut().map(|e| e.as_mut_ptr()).collect();
@@ -281,8 +305,8 @@ fn fork_blocked(child: impl FnOnce()) -> io::Result<Pid> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: the master is single-threaded (checked at startup), so the child is a faithful
-    // copy; the child runs only `child_main`, which makes async-signal-safe calls and never
+    // SAFETY: the master is single-threaded (checked at startup and before each child's
+    // fork), so the child is a faithful copy; the child runs only `child_main`, which makes async-signal-safe calls and never
     // returns.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -405,6 +429,7 @@ pub fn fork_call(
     close: &[RawFd],
     body: impl FnOnce() -> i32,
 ) -> Result<Pid, SpawnError> {
+    single_threaded()?;
     let dir_c = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| SpawnError::Nul { program: dir.display().to_string() })?;
     let (err_read, err_write) = cloexec_pipe().map_err(SpawnError::Fork)?;
@@ -449,9 +474,9 @@ pub fn fork_helper(keep: RawFd, body: impl FnOnce()) -> Result<Pid, SpawnError> 
     // Read before the fork: the bound of the loop that stands in for close_range.
     let limit = fd_limit();
     fork_blocked(|| {
-        // SAFETY: in the freshly forked child, which may have been forked from a process with
-        // other threads (the watcher is forked before the master checks that it has none, and
-        // from the tests' threads): what makes this sound is that the child makes only
+        // SAFETY: in the freshly forked child. The master forks its watcher after checking
+        // that it runs one thread, but the unit tests fork it from their threads, so this
+        // fork checks nothing: what makes it sound is that the child makes only
         // async-signal-safe calls, on memory prepared before the fork, and takes no lock. The
         // signal mask stays the full one fork_blocked set.
         unsafe {
@@ -612,6 +637,29 @@ fn resolve(program: &str, dir: &Path, path_var: Option<&str>) -> Result<PathBuf,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The test process has threads (the harness's, and one started here for sure): neither
+    /// kind of child is forked from it, and the error says why.
+    #[test]
+    fn no_child_is_forked_from_a_process_with_other_threads() {
+        let (stop, wait) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || wait.recv());
+        let threads = thread_count();
+        assert!(threads >= 2, "{threads}");
+        let setup = Setup { pid_vars: vec![], umask: None, credentials: None, cgroup_procs: None };
+        let argv = ["true".to_owned()];
+        let exec = Command::prepare(&argv, &[], Path::new("/"), &setup).unwrap().spawn(&[]);
+        let forked = fork_call(Path::new("/"), &setup, &[], || 0);
+        stop.send(()).unwrap();
+        other.join().unwrap().unwrap();
+        for result in [exec, forked] {
+            let e = result.expect_err("forked with other threads running");
+            assert!(matches!(e, SpawnError::Threads(n) if n >= 2), "{e:?}");
+            assert!(e.to_string().contains("forks only with one"), "{e}");
+        }
+        let none = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        assert_eq!(none, Err(nix::errno::Errno::ECHILD), "no child");
+    }
 
     #[test]
     fn the_close_range_fallback_includes_last_and_reaches_the_fd_limit() {
