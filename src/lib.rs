@@ -27,8 +27,6 @@
 //! [`listener`], [`pidfile`], [`ticket`], [`watcher`], [`worker`]; then [`master`]; then
 //! [`cli`]; then [`prefork`] and the `presup` binary.
 
-#![deny(unsafe_code)]
-
 pub mod backoff;
 pub mod cli;
 pub mod config;

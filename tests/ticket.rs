@@ -459,6 +459,7 @@ struct Server {
 
 impl Server {
     /// `max_fds`: the server's RLIMIT_NOFILE, soft and hard (so that it cannot raise it).
+    #[allow(unsafe_code)] // pre_exec: a limit set in the forked child, before its exec.
     fn start(dir: &Dir, interval: Duration, args: &[&str], max_fds: Option<u64>) -> Server {
         let (tickets, path) = make_ticket(dir.path(), spec(interval, 2, None));
         let mut cmd = Command::new(common::bin());
