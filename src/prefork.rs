@@ -41,7 +41,8 @@
 //! process; the master's own fds (signalfd, notification socket and its directory's lock,
 //! pidfile, watcher pipe, `cgroup.procs`, the tickets' locks) are closed before `worker`
 //! runs. The worker ends with `_exit`, so none of the master's destructors or exit
-//! handlers runs in it (a panic ends it with code 101). A worker
+//! handlers runs in it (a panic ends it with code 101, after its message, with `panic = "abort"`
+//! too: see the README). A worker
 //! that dies is forked again from the master's preloaded state; `preload` never runs twice, and
 //! a reload (HUP) does not rebuild it: restart the master for new code or data.
 

@@ -469,7 +469,7 @@ pub fn fork_call(
             // Set up: the master reads the end of the report pipe as success.
             libc::close(report);
         }
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
+        let code = run_to_exit_code(body);
         // SAFETY: ends the child without unwinding into the master's frames or running its
         // exit handlers and destructors.
         unsafe { libc::_exit(code) }
@@ -480,6 +480,32 @@ pub fn fork_call(
         None => Ok(pid),
         Some((step, errno)) => Err(step.error(None, dir, io::Error::from_raw_os_error(errno))),
     }
+}
+
+/// Runs a forked worker's `body` to its exit code; a panic makes it 101, as for a Rust
+/// program whose `main` panics, after the panic hook printed the message and location.
+///
+/// Built with `panic = "unwind"` (the dev profile), the panic is caught; a panic in another
+/// thread of the worker ends only that thread, as in any program (tokio catches its tasks').
+#[cfg(panic = "unwind")]
+fn run_to_exit_code(body: impl FnOnce() -> i32) -> i32 {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101)
+}
+
+/// Built with `panic = "abort"` (presup's release profile), nothing can be caught: a panic in
+/// any thread would abort the worker (SIGABRT). A panic hook, run before the abort, prints
+/// what the hook before it prints (the default one: the message and location) and ends the
+/// worker with `_exit(101)` instead; a hook the worker function sets replaces it.
+#[cfg(panic = "abort")]
+fn run_to_exit_code(body: impl FnOnce() -> i32) -> i32 {
+    let before = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        before(info);
+        // SAFETY: the process is about to abort anyway; `_exit` ends it without running the
+        // master's exit handlers, and what another thread holds no longer matters.
+        unsafe { libc::_exit(101) }
+    }));
+    body()
 }
 
 /// Forks a helper of the master (the [`crate::watcher`]) that runs `body` with every signal
