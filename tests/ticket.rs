@@ -1,4 +1,4 @@
-//! The ticket (issue 5): real processes racing for turns, killed while they wait, the master's
+//! The ticket: real processes racing for turns, killed while they wait, the master's
 //! side (the environment, the CLI, USR1, a state file across restarts) and the HTTP endpoint
 //! with real clients, hanging up included.
 //!

@@ -3,8 +3,8 @@
 //! [`load`] reads a file and returns either a fully resolved [`Config`] (defaults filled in,
 //! relative paths made absolute against the config file's directory, `count = "auto"` and
 //! `WEB_CONCURRENCY` applied) or every error found, each with its key path, line and column.
-//! Nothing outside this module parses TOML. The schema is DESIGN.md §5; keys added by presup
-//! beyond it are marked in the field docs.
+//! Nothing outside this module parses TOML; the README's configuration reference documents
+//! every key.
 
 mod schema;
 #[cfg(test)]
@@ -28,14 +28,15 @@ pub struct Config {
     pub path: PathBuf,
     /// The directory children run in: `directory` if set (a presup addition), else the config
     /// file's directory. Relative paths in the file, `directory` included, are resolved against
-    /// the config file's directory (DESIGN §5), never against this.
+    /// the config file's directory, never against this.
     #[serde(serialize_with = "lossy")]
     pub directory: PathBuf,
     #[serde(serialize_with = "lossy_opt")]
     pub pidfile: Option<PathBuf>,
     #[serde(with = "human")]
     pub graceful_timeout: Duration,
-    /// Optional top-level privilege drop for every child (applied by a later issue).
+    /// Optional top-level privilege drop: every child runs as this user (and `group`), the
+    /// master keeps its own.
     pub user: Option<String>,
     pub group: Option<String>,
     /// Octal umask for children, e.g. `"022"` (printed back in octal).
