@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Figures of the master itself (issue 2). Prints them; asserts nothing.
+"""Figures of the master itself. Prints them; asserts nothing.
 
     python3 bench/master.py            # builds presup --release first
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Copy-on-write preload, measured (issue 6). Prints figures; asserts nothing.
+"""Copy-on-write preload, measured. Prints figures; asserts nothing.
 
     python3 bench/preload.py [--mb 256] [--workers 8] [--traffic 60] [--no-gunicorn]
 

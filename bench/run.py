@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""presup and gunicorn side by side, in one run, on the same small HTTP app (issue 7).
+"""presup and gunicorn side by side, in one run, on the same small HTTP app.
 
     bench/run                 # full run (builds presup --release first)
     bench/run --quick         # fewer repeats

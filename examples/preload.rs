@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Routes: `/lookup/N`; `/env/NAME` (the worker's environment); `/exit` (the worker function
-//! returns); `/fail` (the worker function returns an error); `/sleep/MS` (answers after MS
+//! returns); `/fail` (the worker function returns an error); `/panic` (the worker function
+//! panics, after answering); `/sleep/MS` (answers after MS
 //! milliseconds); `/marker` and `/poke` (which
 //! writes the worker's pid into its own copy of the state: the other workers do not see it). `--per-worker` builds the table in
 //! each worker instead (what the benchmark compares with), `--preload-log FILE` appends a line
@@ -117,6 +118,7 @@ fn serve(state: &State, table: &[u64], ctx: &Context, term: &AtomicBool) -> Resu
         match answer(state, table, ctx, conn) {
             Ok(Some(Ending::Exit)) => return Ok(()),
             Ok(Some(Ending::Fail)) => return Err("asked to fail".to_owned()),
+            Ok(Some(Ending::Panic)) => panic!("asked to panic"),
             _ => {}
         }
         // TERM came while this request was served (the next accept would wait for ever).
@@ -132,6 +134,7 @@ fn serve(state: &State, table: &[u64], ctx: &Context, term: &AtomicBool) -> Resu
 enum Ending {
     Exit,
     Fail,
+    Panic,
 }
 
 /// Answers one request; whether it asked the worker function to end.
@@ -168,6 +171,8 @@ fn answer(
         ("200 OK", format!("pid {pid} exits\n"))
     } else if path == "/fail" {
         ("200 OK", format!("pid {pid} fails\n"))
+    } else if path == "/panic" {
+        ("200 OK", format!("pid {pid} panics\n"))
     } else if path == "/poke" {
         state.marker.store(pid.into(), Ordering::Relaxed);
         ("200 OK", format!("pid {pid} marker {pid}\n"))
@@ -189,6 +194,7 @@ fn answer(
     Ok(match path {
         "/exit" => Some(Ending::Exit),
         "/fail" => Some(Ending::Fail),
+        "/panic" => Some(Ending::Panic),
         _ => None,
     })
 }

@@ -32,18 +32,14 @@ pub struct Args {
 /// Loads the config named by `args`: every error printed, `Err` holding exit code 2.
 /// `in_process` says whether workers are forked from this program (no `[workers] command`).
 pub fn load(args: &Args, in_process: bool) -> Result<config::Config, ExitCode> {
-    let config = match config::load_for_this_process(&args.config) {
-        Ok(c) => c,
+    let launch = if in_process { config::Launch::Preload } else { config::Launch::Exec };
+    match config::load_for_this_process(&args.config, launch) {
+        Ok(c) => Ok(c),
         Err(errors) => {
             logs::report(format_args!("presup: {errors}"));
-            return Err(ExitCode::from(2));
+            Err(ExitCode::from(2))
         }
-    };
-    if let Err(e) = master::check_command(&config, in_process) {
-        logs::report(format_args!("presup: {}: {e}", config.path.display()));
-        return Err(ExitCode::from(2));
     }
-    Ok(config)
 }
 
 /// `presup check`: validates the config and prints it resolved (exit 0), or every error (2).

@@ -1,4 +1,4 @@
-//! What a child is given in its environment (DESIGN.md §6).
+//! What a child is given in its environment (the README's "What a child gets").
 //!
 //! A child's environment is the master's own, less the variables systemd gave the master
 //! (they describe the master, not the child), plus the config's `env`, plus presup's own
@@ -65,7 +65,7 @@ pub struct WorkerVars<'a> {
 }
 
 impl Environment {
-    /// Adds the worker variables of DESIGN.md §6 (`LISTEN_PID` is filled in by the spawn,
+    /// Adds a worker's variables (`LISTEN_PID` is filled in by the spawn,
     /// since only the child knows its pid).
     pub fn worker(&mut self, w: &WorkerVars<'_>) -> &mut Self {
         self.set("PRESUP_WORKER_ID", w.slot)

@@ -18,9 +18,14 @@
 //! [`pidfile`] holds the pidfile lock; [`directory`] makes files without following symlinks; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
 //! systemd (notifications, socket activation); [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`];
-//! [`watcher`] kills what a master killed with `kill -9` leaves behind.
-
-#![deny(unsafe_code)]
+//! [`watcher`] kills what a master killed with `kill -9` leaves behind; [`worker`] is what a
+//! preloaded program hands the master and what its forked workers are given; [`cli`] runs the
+//! master from the command line, and [`prefork`] is presup as a library on top of it.
+//!
+//! Layers, each importing only from those before it: [`config`], [`directory`], [`systemd`],
+//! [`signals`], [`spawn`], [`notify`], [`environment`], [`logs`], [`backoff`]; then
+//! [`listener`], [`pidfile`], [`ticket`], [`watcher`], [`worker`]; then [`master`]; then
+//! [`cli`]; then [`prefork`] and the `presup` binary.
 
 pub mod backoff;
 pub mod cli;
@@ -39,3 +44,4 @@ pub mod spawn;
 pub mod systemd;
 pub mod ticket;
 pub mod watcher;
+pub mod worker;

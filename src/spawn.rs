@@ -13,7 +13,7 @@
 //! re-check (so a master that died during the fork cannot leave an orphan); its directory; the
 //! listeners at fds 3, 4, ...; every other fd above them marked close-on-exec; and, when asked,
 //! `LISTEN_PID` set to its own pid.
-#![allow(unsafe_code)]
+#![allow(unsafe_code)] // fork, the signal mask around it, the raw syscalls up to exec.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -41,6 +41,29 @@ pub enum SpawnError {
     Chdir { dir: PathBuf, source: io::Error },
     #[error("cannot set up the child ({step}): {source}")]
     Setup { step: &'static str, source: io::Error },
+    #[error("the master runs {0} threads and forks only with one: fork() copies only the calling thread, so a lock another thread holds would stay locked forever in the child")]
+    Threads(usize),
+}
+
+/// How many threads this process has (from `/proc/self/status`; 1 if it cannot be read).
+pub fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+/// Checked before every fork of a child (exec'd or not): the child of a process with other
+/// threads may find a lock (malloc's, say) held forever, and a forked preload worker
+/// allocates. The master checks at startup, before the watcher and around the preload; this
+/// catches a thread started since (a few microseconds per fork).
+fn single_threaded() -> Result<(), SpawnError> {
+    match thread_count() {
+        1 => Ok(()),
+        n => Err(SpawnError::Threads(n)),
+    }
 }
 
 /// A command ready to be forked and exec'd any number of times.
@@ -176,6 +199,7 @@ impl Command {
     /// Forks and execs, placing `fds` at 3, 4, ... in the child. Returns once the child has
     /// exec'd (or failed to).
     pub fn spawn(&self, fds: &[RawFd]) -> Result<Pid, SpawnError> {
+        single_threaded()?;
         let mut env = self.env.clone();
         // Every pointer into `env` comes from this one mutable pass.
         let entries: Vec<*mut u8> = env.iter_mut().map(|e| e.as_mut_ptr()).collect();
@@ -275,15 +299,16 @@ struct ChildPlan<'a> {
 fn fork_blocked(child: impl FnOnce()) -> io::Result<Pid> {
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write the given sets.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above, valid pointers to owned sets.
     unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: the master is single-threaded (checked at startup), so the child is a faithful
-    // copy; the child runs only `child_main`, which makes async-signal-safe calls and never
-    // returns.
+    // SAFETY: the master is single-threaded (checked at startup and before each child's
+    // fork), so the child is a faithful copy; the child runs only `child_main`, which makes
+    // async-signal-safe calls and never returns.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         child();
@@ -307,25 +332,30 @@ fn fork_blocked(child: impl FnOnce()) -> io::Result<Pid> {
 /// Must run in a freshly forked child of a single-threaded process, with `plan` pointing to
 /// memory prepared before the fork.
 unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
-    let fail = |step: Step| -> ! { report_and_exit(plan.report, step) };
-    let common = Common {
-        umask: plan.umask,
-        credentials: plan.credentials,
-        cgroup_procs: plan.cgroup_procs,
-        parent: plan.parent,
-        dir: plan.dir,
-    };
-    if let Err(step) = common.apply() {
-        fail(step);
+    // SAFETY: in the freshly forked child of a single-threaded process (this fn's contract), on
+    // the plan's memory prepared before the fork: each call below is async-signal-safe or one
+    // of this module's functions whose contract that is.
+    unsafe {
+        let fail = |step: Step| -> ! { report_and_exit(plan.report, step) };
+        let common = Common {
+            umask: plan.umask,
+            credentials: plan.credentials,
+            cgroup_procs: plan.cgroup_procs,
+            parent: plan.parent,
+            dir: plan.dir,
+        };
+        if let Err(step) = common.apply() {
+            fail(step);
+        }
+        if place_fds(plan.fds, plan.scratch).is_err() {
+            fail(Step::Fds);
+        }
+        for &slot in plan.pid_slots {
+            write_pid(slot, libc::getpid());
+        }
+        libc::execve(plan.program, plan.argv, plan.envp);
+        fail(Step::Exec)
     }
-    if place_fds(plan.fds, plan.scratch).is_err() {
-        fail(Step::Fds);
-    }
-    for &slot in plan.pid_slots {
-        write_pid(slot, libc::getpid());
-    }
-    libc::execve(plan.program, plan.argv, plan.envp);
-    fail(Step::Exec)
 }
 
 /// Writes which step failed and its errno to the report pipe, then exits 127.
@@ -333,12 +363,17 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
 /// # Safety
 /// Only in a forked child.
 unsafe fn report_and_exit(report: RawFd, step: Step) -> ! {
-    let errno = *libc::__errno_location();
-    let mut msg = [0u8; 5];
-    msg[0] = step as u8;
-    msg[1..].copy_from_slice(&errno.to_ne_bytes());
-    libc::write(report, msg.as_ptr().cast(), msg.len());
-    libc::_exit(127)
+    // SAFETY: in a forked child (this fn's contract): errno is this thread's, `msg` is a local
+    // buffer of the length given, and `_exit` ends the child without running anything of the
+    // master's.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut msg = [0u8; 5];
+        msg[0] = step as u8;
+        msg[1..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(report, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
 }
 
 /// What every child gets, exec'd or not: see the module's docs.
@@ -356,43 +391,48 @@ impl Common<'_> {
     /// # Safety
     /// Only in a freshly forked child, with `dir` pointing to memory prepared before the fork.
     unsafe fn apply(&self) -> Result<(), Step> {
-        if libc::setpgid(0, 0) != 0 {
-            return Err(Step::Group);
-        }
-        // Before anything can fork, and while still privileged. Best effort: without it the
-        // child is still covered by its process group.
-        if let Some(fd) = self.cgroup_procs {
-            libc::write(fd, b"0".as_ptr().cast(), 1);
-        }
-        for signo in 1..libc::SIGRTMAX() {
-            if signo != libc::SIGKILL && signo != libc::SIGSTOP {
-                libc::signal(signo, libc::SIG_DFL);
+        // SAFETY: in a freshly forked child (this fn's contract): only async-signal-safe calls,
+        // on fds and sets owned here and `dir`, a C string prepared before the fork.
+        unsafe {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(Step::Group);
             }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        if let Some(mask) = self.umask {
-            libc::umask(mask as libc::mode_t);
-        }
-        if let Some(c) = self.credentials {
-            // Groups first, while still privileged; then the gid; the uid last.
-            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0 && c.uid != libc::geteuid()
-                || libc::setgid(c.gid) != 0
-                || libc::setuid(c.uid) != 0
-            {
-                return Err(Step::Credentials);
+            // Before anything can fork, and while still privileged. Best effort: without it the
+            // child is still covered by its process group.
+            if let Some(fd) = self.cgroup_procs {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
             }
+            for signo in 1..libc::SIGRTMAX() {
+                if signo != libc::SIGKILL && signo != libc::SIGSTOP {
+                    libc::signal(signo, libc::SIG_DFL);
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if let Some(mask) = self.umask {
+                libc::umask(mask as libc::mode_t);
+            }
+            if let Some(c) = self.credentials {
+                // Groups first, while still privileged; then the gid; the uid last.
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
+                    && c.uid != libc::geteuid()
+                    || libc::setgid(c.gid) != 0
+                    || libc::setuid(c.uid) != 0
+                {
+                    return Err(Step::Credentials);
+                }
+            }
+            // Armed after the privilege drop, which clears it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != self.parent {
+                return Err(Step::Orphan);
+            }
+            if libc::chdir(self.dir) != 0 {
+                return Err(Step::Chdir);
+            }
+            Ok(())
         }
-        // Armed after the privilege drop, which clears it.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-        if libc::getppid() != self.parent {
-            return Err(Step::Orphan);
-        }
-        if libc::chdir(self.dir) != 0 {
-            return Err(Step::Chdir);
-        }
-        Ok(())
     }
 }
 
@@ -405,6 +445,7 @@ pub fn fork_call(
     close: &[RawFd],
     body: impl FnOnce() -> i32,
 ) -> Result<Pid, SpawnError> {
+    single_threaded()?;
     let dir_c = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| SpawnError::Nul { program: dir.display().to_string() })?;
     let (err_read, err_write) = cloexec_pipe().map_err(SpawnError::Fork)?;
@@ -428,7 +469,7 @@ pub fn fork_call(
             // Set up: the master reads the end of the report pipe as success.
             libc::close(report);
         }
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
+        let code = run_to_exit_code(body);
         // SAFETY: ends the child without unwinding into the master's frames or running its
         // exit handlers and destructors.
         unsafe { libc::_exit(code) }
@@ -441,6 +482,32 @@ pub fn fork_call(
     }
 }
 
+/// Runs a forked worker's `body` to its exit code; a panic makes it 101, as for a Rust
+/// program whose `main` panics, after the panic hook printed the message and location.
+///
+/// Built with `panic = "unwind"` (the dev profile), the panic is caught; a panic in another
+/// thread of the worker ends only that thread, as in any program (tokio catches its tasks').
+#[cfg(panic = "unwind")]
+fn run_to_exit_code(body: impl FnOnce() -> i32) -> i32 {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101)
+}
+
+/// Built with `panic = "abort"` (presup's release profile), nothing can be caught: a panic in
+/// any thread would abort the worker (SIGABRT). A panic hook, run before the abort, prints
+/// what the hook before it prints (the default one: the message and location) and ends the
+/// worker with `_exit(101)` instead; a hook the worker function sets replaces it.
+#[cfg(panic = "abort")]
+fn run_to_exit_code(body: impl FnOnce() -> i32) -> i32 {
+    let before = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        before(info);
+        // SAFETY: the process is about to abort anyway; `_exit` ends it without running the
+        // master's exit handlers, and what another thread holds no longer matters.
+        unsafe { libc::_exit(101) }
+    }));
+    body()
+}
+
 /// Forks a helper of the master (the [`crate::watcher`]) that runs `body` with every signal
 /// blocked (only SIGKILL and SIGSTOP reach it), in its own process group (a signal to the
 /// master's group does not take it), in `/`, with every fd closed but `keep`. `body` makes only
@@ -449,9 +516,9 @@ pub fn fork_helper(keep: RawFd, body: impl FnOnce()) -> Result<Pid, SpawnError> 
     // Read before the fork: the bound of the loop that stands in for close_range.
     let limit = fd_limit();
     fork_blocked(|| {
-        // SAFETY: in the freshly forked child, which may have been forked from a process with
-        // other threads (the watcher is forked before the master checks that it has none, and
-        // from the tests' threads): what makes this sound is that the child makes only
+        // SAFETY: in the freshly forked child. The master forks its watcher after checking
+        // that it runs one thread, but the unit tests fork it from their threads, so this
+        // fork checks nothing: what makes it sound is that the child makes only
         // async-signal-safe calls, on memory prepared before the fork, and takes no lock. The
         // signal mask stays the full one fork_blocked set.
         unsafe {
@@ -474,9 +541,12 @@ pub fn fork_helper(keep: RawFd, body: impl FnOnce()) -> Result<Pid, SpawnError> 
 /// # Safety
 /// Closes fds that others may own: only in a forked child.
 unsafe fn close_range(first: libc::c_uint, last: libc::c_uint, limit: libc::c_uint) {
-    if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
-        for fd in fallback_fds(first, last, limit) {
-            libc::close(fd as RawFd);
+    // SAFETY: in a forked child (this fn's contract), whose fds are its own to close.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
+            for fd in fallback_fds(first, last, limit) {
+                libc::close(fd as RawFd);
+            }
         }
     }
 }
@@ -507,28 +577,32 @@ fn fd_limit() -> libc::c_uint {
 /// # Safety
 /// `scratch` must point to `fds.len()` writable ints; call only in the forked child.
 unsafe fn place_fds(fds: &[RawFd], scratch: *mut RawFd) -> Result<(), ()> {
-    let first_free = 3 + fds.len() as libc::c_int;
-    for (i, &fd) in fds.iter().enumerate() {
-        let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
-        if copy < 0 {
-            return Err(());
+    // SAFETY: in the forked child (this fn's contract), with `scratch` pointing to `fds.len()`
+    // writable ints: `i` stays below that; the fds are the child's own.
+    unsafe {
+        let first_free = 3 + fds.len() as libc::c_int;
+        for (i, &fd) in fds.iter().enumerate() {
+            let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if copy < 0 {
+                return Err(());
+            }
+            *scratch.add(i) = copy;
         }
-        *scratch.add(i) = copy;
-    }
-    for i in 0..fds.len() {
-        if libc::dup2(*scratch.add(i), 3 + i as libc::c_int) < 0 {
-            return Err(());
+        for i in 0..fds.len() {
+            if libc::dup2(*scratch.add(i), 3 + i as libc::c_int) < 0 {
+                return Err(());
+            }
         }
+        // Belt and braces: fds the master inherited without close-on-exec do not leak either.
+        // Older kernels lack close_range; close-on-exec already covers what the master opened.
+        libc::syscall(
+            libc::SYS_close_range,
+            first_free as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+        Ok(())
     }
-    // Belt and braces: fds the master inherited without close-on-exec do not leak either.
-    // Older kernels lack close_range; close-on-exec already covers what the master opened.
-    libc::syscall(
-        libc::SYS_close_range,
-        first_free as libc::c_uint,
-        libc::c_uint::MAX,
-        libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-    );
-    Ok(())
 }
 
 /// Writes `pid` in decimal followed by NUL at `at` (room for [`PID_DIGITS`] bytes).
@@ -536,21 +610,25 @@ unsafe fn place_fds(fds: &[RawFd], scratch: *mut RawFd) -> Result<(), ()> {
 /// # Safety
 /// `at` must point to at least `PID_DIGITS` writable bytes.
 unsafe fn write_pid(at: *mut u8, pid: libc::pid_t) {
-    let mut digits = [0u8; PID_DIGITS];
-    let mut n = pid as u64;
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
+    // SAFETY: `at` points to `PID_DIGITS` writable bytes (this fn's contract) and a pid has
+    // fewer digits, so `len` and `len - 1` stay inside them.
+    unsafe {
+        let mut digits = [0u8; PID_DIGITS];
+        let mut n = pid as u64;
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
         }
+        for i in 0..len {
+            *at.add(i) = digits[len - 1 - i];
+        }
+        *at.add(len) = 0;
     }
-    for i in 0..len {
-        *at.add(i) = digits[len - 1 - i];
-    }
-    *at.add(len) = 0;
 }
 
 fn null_terminated<T>(items: impl Iterator<Item = *const T>) -> Vec<*const T> {
@@ -612,6 +690,29 @@ fn resolve(program: &str, dir: &Path, path_var: Option<&str>) -> Result<PathBuf,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The test process has threads (the harness's, and one started here for sure): neither
+    /// kind of child is forked from it, and the error says why.
+    #[test]
+    fn no_child_is_forked_from_a_process_with_other_threads() {
+        let (stop, wait) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || wait.recv());
+        let threads = thread_count();
+        assert!(threads >= 2, "{threads}");
+        let setup = Setup { pid_vars: vec![], umask: None, credentials: None, cgroup_procs: None };
+        let argv = ["true".to_owned()];
+        let exec = Command::prepare(&argv, &[], Path::new("/"), &setup).unwrap().spawn(&[]);
+        let forked = fork_call(Path::new("/"), &setup, &[], || 0);
+        stop.send(()).unwrap();
+        other.join().unwrap().unwrap();
+        for result in [exec, forked] {
+            let e = result.expect_err("forked with other threads running");
+            assert!(matches!(e, SpawnError::Threads(n) if n >= 2), "{e:?}");
+            assert!(e.to_string().contains("forks only with one"), "{e}");
+        }
+        let none = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        assert_eq!(none, Err(nix::errno::Errno::ECHILD), "no child");
+    }
 
     #[test]
     fn the_close_range_fallback_includes_last_and_reaches_the_fd_limit() {

@@ -8,7 +8,7 @@
 //!
 //! [`inherited_listeners`] takes the sockets of socket activation (`LISTEN_FDS` from fd 3,
 //! meant for this pid by `LISTEN_PID`, named by `LISTEN_FDNAMES`).
-#![allow(unsafe_code)]
+#![allow(unsafe_code)] // Socket activation: the fds systemd passed, made close-on-exec and adopted.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -1,4 +1,4 @@
-//! The ticket: a rate limiter in shared memory that every child reaches (DESIGN.md §7).
+//! The ticket: a rate limiter in shared memory that every child reaches.
 //!
 //! One file per `[tickets.NAME]`, created by the master before any child (in its private
 //! runtime directory, or at the ticket's `path` so that its grants survive a restart of the
@@ -36,9 +36,10 @@ use std::time::{Duration, Instant};
 
 use nix::time::{clock_gettime, clock_nanosleep, ClockId, ClockNanosleepFlags};
 
+pub use crate::config::{default_margin, MAX_BUCKETS, MAX_DAILY_LIMIT};
 pub use layout::Params;
 pub use reserve::{Daily, Status};
-pub use set::{Tickets, MAX_BUCKETS, MAX_DAILY_LIMIT};
+pub use set::Tickets;
 
 /// Why a ticket cannot be used or made.
 #[derive(Debug, thiserror::Error)]
@@ -132,19 +133,6 @@ fn ns_of(at: Instant) -> u64 {
         Some(ahead) => ns_now.saturating_add(ahead.as_nanos().min(u64::MAX as u128) as u64),
         None => ns_now.saturating_sub(instant.duration_since(at).as_nanos() as u64),
     }
-}
-
-/// The `margin` of a ticket whose config does not set one: a twentieth of `interval`, at most
-/// 50 ms (50 ms from an interval of 1 s up).
-///
-/// The margin is added to the spacing of a bucket's turns: they are reserved `interval +
-/// margin` apart. A caller acts when it wakes up after its turn's instant, a little late and by
-/// an amount that varies (scheduling, a busy event loop, the network to the ticket server); two
-/// consecutive callers then act at least `interval` apart as long as the second one's delay is
-/// no more than `margin` shorter than the first one's. Waiting `margin` longer on every turn
-/// would not help: that delays both callers alike, and it is their difference that counts.
-pub fn default_margin(interval: Duration) -> Duration {
-    (interval / 20).min(Duration::from_millis(50))
 }
 
 /// The environment variable that holds ticket `name`'s path: `PRESUP_TICKET_<NAME>`.

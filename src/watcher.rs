@@ -27,7 +27,7 @@
 //! bounded even if the watcher is stopped: forgetting a group whose announcement is still
 //! queued cancels both. A watcher that dies is restarted (its table replayed), unless it and
 //! the one before it each died within a second of their start.
-#![allow(unsafe_code)]
+#![allow(unsafe_code)] // The forked watcher's raw syscalls, and the pidfd and pipe it is watched by.
 
 mod cgroup;
 
@@ -363,39 +363,44 @@ pub struct CgroupPaths {
 /// # Safety
 /// Only in the freshly forked watcher; only async-signal-safe calls, no allocation.
 unsafe fn watch(read: RawFd, cgroup: Option<&CgroupPaths>) -> ! {
-    let mut table = Table::new();
-    let mut buf = [0u8; BATCH * RECORD];
-    let mut have = 0;
-    loop {
-        let n = libc::read(read, buf.as_mut_ptr().add(have).cast(), buf.len() - have);
-        if n < 0 && *libc::__errno_location() == libc::EINTR {
-            continue;
-        }
-        if n <= 0 {
-            break;
-        }
-        have += n as usize;
-        let whole = have / RECORD * RECORD;
-        for record in buf[..whole].chunks_exact(RECORD) {
-            let (op, pgid) = decode(record);
-            if table.apply(op, pgid) {
-                libc::_exit(0);
+    // SAFETY: in the freshly forked watcher (this fn's contract): `have` stays below
+    // `buf.len()` (whole records are moved out, at most `buf.len()` bytes read), `read` is its
+    // pipe, and every call is async-signal-safe; the cgroup functions' contract is this one.
+    unsafe {
+        let mut table = Table::new();
+        let mut buf = [0u8; BATCH * RECORD];
+        let mut have = 0;
+        loop {
+            let n = libc::read(read, buf.as_mut_ptr().add(have).cast(), buf.len() - have);
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
             }
+            if n <= 0 {
+                break;
+            }
+            have += n as usize;
+            let whole = have / RECORD * RECORD;
+            for record in buf[..whole].chunks_exact(RECORD) {
+                let (op, pgid) = decode(record);
+                if table.apply(op, pgid) {
+                    libc::_exit(0);
+                }
+            }
+            buf.copy_within(whole..have, 0);
+            have -= whole;
         }
-        buf.copy_within(whole..have, 0);
-        have -= whole;
+        // The master is gone.
+        if let Some(c) = cgroup {
+            cgroup::kill_from_watcher(c);
+        }
+        for &pgid in table.groups() {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        if let Some(c) = cgroup {
+            cgroup::remove_from_watcher(c);
+        }
+        libc::_exit(0)
     }
-    // The master is gone.
-    if let Some(c) = cgroup {
-        cgroup::kill_from_watcher(c);
-    }
-    for &pgid in table.groups() {
-        libc::kill(-pgid, libc::SIGKILL);
-    }
-    if let Some(c) = cgroup {
-        cgroup::remove_from_watcher(c);
-    }
-    libc::_exit(0)
 }
 
 #[cfg(test)]

@@ -200,8 +200,10 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
 fn load(text: &str, what: &str) -> Result<config::Config, Vec<ConfigError>> {
     let path = Path::new("/nonexistent-presup-dir/supervisor.toml");
     let dir = Path::new("/nonexistent-presup-dir");
-    let result = std::panic::catch_unwind(|| config::parse_str(text, path, dir, None, 2))
-        .unwrap_or_else(|_| panic!("the loader panicked on {what}:\n{text:?}"));
+    let result = std::panic::catch_unwind(|| {
+        config::parse_str(text, path, dir, None, 2, config::Launch::Exec)
+    })
+    .unwrap_or_else(|_| panic!("the loader panicked on {what}:\n{text:?}"));
     if let Err(errors) = &result {
         assert!(!errors.is_empty(), "{what}: rejected without an error:\n{text:?}");
         for e in errors {

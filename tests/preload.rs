@@ -15,6 +15,18 @@ fn example() -> String {
     common::example("preload")
 }
 
+/// The preload example built with `panic = "abort"`, as the release profile has it (the
+/// `abort-test` profile: the dev profile with the release profile's panic strategy).
+fn example_with_panic_abort() -> String {
+    let bin = PathBuf::from(common::bin());
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "--all-features", "--profile", "abort-test"]);
+    cargo.args(["--example", "preload"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+    assert!(cargo.status().unwrap().success(), "cargo build --profile abort-test failed");
+    let target = bin.parent().unwrap().parent().unwrap();
+    target.join("abort-test").join("examples").join("preload").display().to_string()
+}
+
 fn config(count: usize, extra: &str) -> String {
     format!(
         "graceful_timeout = \"5s\"\n{extra}\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n[workers]\ncount = {count}\nready = \"notify\"\nboot_timeout = \"30s\"\n"
@@ -159,6 +171,39 @@ fn a_worker_returning_an_error_prints_it_and_exits_1_and_boot_failures_name_the_
     let log = presup.log.text();
     assert!(log.contains("worker command `preload` failed to boot twice in a row"), "{log}");
     assert!(log.contains("the config has no [[listen]]"), "{log}");
+}
+
+/// `/panic` in a worker of `program`: the panic's message and location are printed, the
+/// worker exits with code 101 (not SIGABRT) and is replaced.
+fn a_panicking_worker_exits_101(program: &str) {
+    let dir = Dir::new();
+    dir.write("supervisor.toml", &config(1, ""));
+    let log = dir.join("preloads").display().to_string();
+    let presup = Presup::start_program(&dir, program, &["--mb", "8", "--preload-log", &log]);
+    let port = presup.port("http");
+    presup.log.wait_for("ready: all workers up");
+    let pid = pid_of(&get(port, "/panic"));
+    let line = presup.log.wait_for("worker exited with code 101");
+    assert!(line.contains(&format!("pid={pid} ")), "{line}");
+    let text = presup.log.text();
+    assert!(text.contains("panicked at examples/preload.rs:"), "{text}");
+    assert!(text.contains("asked to panic"), "{text}");
+    assert!(!text.contains("SIGABRT"), "{text}");
+    presup.log.wait_for_nth("worker up (READY=1)", 2);
+    record_workers(&dir, &presup);
+}
+
+#[test]
+fn a_panicking_worker_prints_where_and_exits_101() {
+    a_panicking_worker_exits_101(&example());
+}
+
+#[test]
+fn a_panicking_worker_exits_101_with_panic_abort_too() {
+    let began = std::time::Instant::now();
+    let program = example_with_panic_abort();
+    eprintln!("the example built with panic = \"abort\" in {:?}", began.elapsed());
+    a_panicking_worker_exits_101(&program);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Ready means ready (issue 4): `ready = "notify"` gating startup and reload, a reload undone
+//! Ready means ready: `ready = "notify"` gating startup and reload, a reload undone
 //! when its workers cannot come up, the watchdog, a HUP storm, and `STOPPING=1`.
 //!
 //! The fixture workers are small Python programs (exec'd by a shell script that records the

@@ -291,6 +291,7 @@ min_uptime = "100ms"
 
 /// Whether the TCP socket at `fd` of process `pid` has `TCP_NODELAY`, read through a copy of
 /// the fd (`pidfd_getfd`, which needs the right to ptrace `pid`: the test's own children).
+#[allow(unsafe_code)] // The raw pidfd syscalls, to read a socket's option in a child.
 fn tcp_nodelay_of(pid: i32, fd: i32) -> bool {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: plain syscalls with integer arguments; each returned fd is owned at once.

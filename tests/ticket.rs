@@ -1,4 +1,4 @@
-//! The ticket (issue 5): real processes racing for turns, killed while they wait, the master's
+//! The ticket: real processes racing for turns, killed while they wait, the master's
 //! side (the environment, the CLI, USR1, a state file across restarts) and the HTTP endpoint
 //! with real clients, hanging up included.
 //!
@@ -435,6 +435,7 @@ struct Server {
 
 impl Server {
     /// `max_fds`: the server's RLIMIT_NOFILE, soft and hard (so that it cannot raise it).
+    #[allow(unsafe_code)] // pre_exec: a limit set in the forked child, before its exec.
     fn start(dir: &Dir, interval: Duration, args: &[&str], max_fds: Option<u64>) -> Server {
         let (tickets, path) = make_ticket(dir.path(), spec(interval, 2, None));
         let mut cmd = Command::new(common::bin());

@@ -3,8 +3,8 @@
 //! [`load`] reads a file and returns either a fully resolved [`Config`] (defaults filled in,
 //! relative paths made absolute against the config file's directory, `count = "auto"` and
 //! `WEB_CONCURRENCY` applied) or every error found, each with its key path, line and column.
-//! Nothing outside this module parses TOML. The schema is DESIGN.md §5; keys added by presup
-//! beyond it are marked in the field docs.
+//! Nothing outside this module parses TOML; the README's configuration reference documents
+//! every key.
 
 mod schema;
 #[cfg(test)]
@@ -28,14 +28,15 @@ pub struct Config {
     pub path: PathBuf,
     /// The directory children run in: `directory` if set (a presup addition), else the config
     /// file's directory. Relative paths in the file, `directory` included, are resolved against
-    /// the config file's directory (DESIGN §5), never against this.
+    /// the config file's directory, never against this.
     #[serde(serialize_with = "lossy")]
     pub directory: PathBuf,
     #[serde(serialize_with = "lossy_opt")]
     pub pidfile: Option<PathBuf>,
     #[serde(with = "human")]
     pub graceful_timeout: Duration,
-    /// Optional top-level privilege drop for every child (applied by a later issue).
+    /// Optional top-level privilege drop: every child runs as this user (and `group`), the
+    /// master keeps its own.
     pub user: Option<String>,
     pub group: Option<String>,
     /// Octal umask for children, e.g. `"022"` (printed back in octal).
@@ -213,12 +214,39 @@ pub struct Ticket {
     pub daily_period: Duration,
     pub http: Option<std::net::SocketAddr>,
     /// Added to `interval` between two turns of a bucket, so that callers who wake up a little
-    /// late still act `interval` apart (default: [`crate::ticket::default_margin`]).
+    /// late still act `interval` apart (default: [`default_margin`]).
     #[serde(with = "human")]
     pub margin: Duration,
-    /// Optional state file that survives a restart of the master (issue 5).
+    /// Optional state file that survives a restart of the master.
     #[serde(serialize_with = "lossy_opt")]
     pub path: Option<PathBuf>,
+}
+
+/// The largest sizes a ticket file may have (8 bytes per bucket and per daily grant): larger
+/// ones are a config error, and a ticket file whose header announces more is refused.
+pub const MAX_BUCKETS: u32 = 1 << 16;
+pub const MAX_DAILY_LIMIT: u64 = 1 << 20;
+
+/// The `margin` of a ticket whose config does not set one: a twentieth of `interval`, at most
+/// 50 ms (50 ms from an interval of 1 s up).
+///
+/// The margin is added to the spacing of a bucket's turns: they are reserved `interval +
+/// margin` apart. A caller acts when it wakes up after its turn's instant, a little late and by
+/// an amount that varies (scheduling, a busy event loop, the network to the ticket server); two
+/// consecutive callers then act at least `interval` apart as long as the second one's delay is
+/// no more than `margin` shorter than the first one's. Waiting `margin` longer on every turn
+/// would not help: that delays both callers alike, and it is their difference that counts.
+pub fn default_margin(interval: Duration) -> Duration {
+    (interval / 20).min(Duration::from_millis(50))
+}
+
+/// How the workers of a config are started, which decides whether `[workers] command` is
+/// needed: exec'd workers run it; workers forked from a program built on presup as a library
+/// (preload) are that program, and need none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    Exec,
+    Preload,
 }
 
 /// One problem found in a config file.
@@ -267,19 +295,21 @@ impl fmt::Display for ConfigErrors {
 
 /// [`load`] as the master does, at start and on HUP: with this process's `WEB_CONCURRENCY` and
 /// CPU count.
-pub fn load_for_this_process(path: &Path) -> Result<Config, ConfigErrors> {
+pub fn load_for_this_process(path: &Path, launch: Launch) -> Result<Config, ConfigErrors> {
     let web_concurrency = std::env::var("WEB_CONCURRENCY").ok();
-    load(path, web_concurrency.as_deref(), cpu_count())
+    load(path, web_concurrency.as_deref(), cpu_count(), launch)
 }
 
 /// Reads, parses, validates and resolves the config file at `path`.
 ///
 /// `web_concurrency` is the value of `WEB_CONCURRENCY` (passed in so that tests and reloads
-/// decide it explicitly); `cpus` is what `count = "auto"` means.
+/// decide it explicitly); `cpus` is what `count = "auto"` means; `launch` says whether
+/// `[workers] command` is needed.
 pub fn load(
     path: &Path,
     web_concurrency: Option<&str>,
     cpus: usize,
+    launch: Launch,
 ) -> Result<Config, ConfigErrors> {
     let fail = |message: String| ConfigErrors {
         path: path.to_path_buf(),
@@ -291,7 +321,7 @@ pub fn load(
     if nix::unistd::geteuid().is_root() {
         unsafe_for_root(&abs, &dir).map_or(Ok(()), |m| Err(fail(m)))?;
     }
-    parse_str(&text, &abs, &dir, web_concurrency, cpus)
+    parse_str(&text, &abs, &dir, web_concurrency, cpus, launch)
         .map_err(|errors| ConfigErrors { path: abs.clone(), errors })
 }
 

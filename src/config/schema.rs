@@ -21,8 +21,8 @@ use toml::Spanned;
 use self::walker::{all, Item, Table, Walker};
 use super::validate::{self, Origins};
 use super::{
-    Address, Backoff, Config, ConfigError, Hook, Hooks, Listen, Ready, Restart, Signal, Singleton,
-    Ticket, Workers, MAX_WORKERS,
+    default_margin, Address, Backoff, Config, ConfigError, Hook, Hooks, Launch, Listen, Ready,
+    Restart, Signal, Singleton, Ticket, Workers, MAX_BUCKETS, MAX_DAILY_LIMIT, MAX_WORKERS,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -57,19 +57,21 @@ mod keys {
 
 /// Parses and checks a config file's text. `path` is the file (recorded in the result), `dir`
 /// the directory relative paths are resolved against; `web_concurrency` and `cpus` as for
-/// [`super::load`]. On failure: every error found, in file order, positionless ones last.
+/// [`super::load`], and `launch` whether `[workers] command` is needed. On failure: every
+/// error found, in file order, positionless ones last.
 pub fn parse_str(
     text: &str,
     path: &Path,
     dir: &Path,
     web_concurrency: Option<&str>,
     cpus: usize,
+    launch: Launch,
 ) -> Result<Config, Vec<ConfigError>> {
     let doc = DeTable::parse(text).map_err(|e| vec![syntax_error(text, &e)])?;
     let root = Spanned::new(doc.span(), DeValue::Table(doc.into_inner()));
     let w = Walker::new(text, dir);
     let top = w.item(String::new(), &root).table(keys::TOP).expect("a document is a table");
-    let (config, origins) = read_config(&top, path, web_concurrency, cpus);
+    let (config, origins) = read_config(&top, path, web_concurrency, cpus, launch);
     for problem in validate::check(&config, &origins) {
         w.error_at_key(&problem.key, problem.message);
     }
@@ -94,6 +96,7 @@ fn read_config(
     path: &Path,
     web_concurrency: Option<&str>,
     cpus: usize,
+    launch: Launch,
 ) -> (Config, Origins) {
     let graceful_timeout = t.get_or("graceful_timeout", Item::duration, 30 * SEC);
     let listen = t.tables("listen", keys::LISTEN, read_listen);
@@ -118,7 +121,7 @@ fn read_config(
         group: t.get("group", Item::string),
         umask: t.get("umask", Item::umask),
         listen: listen.into_iter().map(|(_, l)| l).collect(),
-        workers: read_workers(t, web_concurrency, cpus, other_children),
+        workers: read_workers(t, web_concurrency, cpus, other_children, launch),
         hooks: hooks.map_or_else(Hooks::default, |h| read_hooks(&h)),
         singleton: singleton.into_iter().map(|(_, s)| s).collect(),
         tickets,
@@ -134,12 +137,14 @@ fn read_listen(t: &Table) -> Option<Listen> {
 }
 
 /// `[workers]`; when it is left out (allowed with other children: a singleton, or a ticket's
-/// HTTP server), no command and no workers. A config with nothing at all to run is refused.
+/// HTTP server), no command and no workers. A config with nothing at all to run is refused,
+/// and so is one with exec'd workers (`launch`) and no command to run.
 fn read_workers(
     top: &Table,
     web_concurrency: Option<&str>,
     cpus: usize,
     other_children: bool,
+    launch: Launch,
 ) -> Workers {
     let item = top.opt("workers");
     if item.is_none() && !other_children {
@@ -155,6 +160,10 @@ fn read_workers(
         }
         None => (Table { path: "workers".to_owned(), map: &empty, ..top.clone() }, 0),
     };
+    if launch == Launch::Exec && count > 0 {
+        // Exec'd workers run the command; a program built on presup::prefork forks itself.
+        t.require("command", |_| Some(()));
+    }
     Workers {
         command: t.get("command", Item::command).unwrap_or_default(),
         count,
@@ -299,12 +308,12 @@ fn read_ticket(t: &Table) -> Option<Ticket> {
     let interval = t.require("interval", Item::nonzero_duration);
     Some(Ticket {
         // The sizes a ticket file may have: a config error (exit 2), not a failed start.
-        buckets: t.get_or("buckets", |v| v.u32(1..=crate::ticket::MAX_BUCKETS), 1),
-        daily_limit: t.get("daily_limit", |v| v.int(1..=crate::ticket::MAX_DAILY_LIMIT)),
+        buckets: t.get_or("buckets", |v| v.u32(1..=MAX_BUCKETS), 1),
+        daily_limit: t.get("daily_limit", |v| v.int(1..=MAX_DAILY_LIMIT)),
         daily_period: t.get_or("daily_period", Item::nonzero_duration, 24 * 3600 * SEC),
         http: t.get("http", Item::socket_addr),
         path: t.get("path", Item::path),
-        margin: t.get("margin", Item::duration).unwrap_or(crate::ticket::default_margin(interval?)),
+        margin: t.get("margin", Item::duration).unwrap_or(default_margin(interval?)),
         interval: interval?,
     })
 }

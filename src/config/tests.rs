@@ -13,7 +13,7 @@ const FILE: &str = "/etc/presup/supervisor.toml";
 const DIR: &str = "/etc/presup";
 
 fn parse_with(text: &str, web_concurrency: Option<&str>) -> Result<Config, Vec<ConfigError>> {
-    parse_str(text, Path::new(FILE), Path::new(DIR), web_concurrency, 8)
+    parse_str(text, Path::new(FILE), Path::new(DIR), web_concurrency, 8, Launch::Exec)
 }
 
 fn parse(text: &str) -> Config {
@@ -579,12 +579,12 @@ fn load_reads_a_file_and_names_it_in_errors() {
     let text =
         "[workers]\ncommand = [\"a\"]\n[[listen]]\nname = \"s\"\naddress = \"unix:s.sock\"\n";
     std::fs::write(&path, text).unwrap();
-    let config = load(&path, None, 2).unwrap();
+    let config = load(&path, None, 2, Launch::Exec).unwrap();
     assert_eq!(config.path, path);
     assert_eq!(config.listen[0].address, Address::Unix(dir.path().join("s.sock")));
 
     std::fs::write(&path, "[workers]\ncommand = []\n").unwrap();
-    let err = load(&path, None, 2).unwrap_err();
+    let err = load(&path, None, 2, Launch::Exec).unwrap_err();
     let p = path.display();
     let shown = format!("{p}: 1 error\n  {p}: workers.command: line 2, column 11: empty command");
     assert_eq!(err.to_string(), shown);
@@ -596,7 +596,7 @@ fn load_refuses_what_is_not_a_regular_file_without_blocking() {
     let fifo = dir.path().join("fifo.toml");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     // A blocking open would wait here for a writer forever.
-    let message = |p: &Path| load(p, None, 2).unwrap_err().errors[0].message.clone();
+    let message = |p: &Path| load(p, None, 2, Launch::Exec).unwrap_err().errors[0].message.clone();
     assert_eq!(message(&fifo), "cannot read: a FIFO; the config must be a regular file");
     assert_eq!(message(dir.path()), "cannot read: a directory; the config must be a regular file");
     assert_eq!(
@@ -621,7 +621,7 @@ fn count_is_bounded_with_line_and_column() {
     assert_eq!(parse(text).workers.count, MAX_WORKERS);
     let text = "[workers]\ncommand = [\"app\"]\ncount = \"auto\"\n";
     let dir = Path::new(DIR);
-    let huge = parse_str(text, Path::new(FILE), dir, None, 5000).unwrap();
+    let huge = parse_str(text, Path::new(FILE), dir, None, 5000, Launch::Exec).unwrap();
     assert_eq!(huge.workers.count, MAX_WORKERS, "auto on a machine with more CPUs than the bound");
 }
 
@@ -696,5 +696,40 @@ fn a_ticket_margin_defaults_to_a_twentieth_of_its_interval_at_most_50ms() {
     assert_eq!(
         e,
         [r#"tickets.t.margin: line 5, column 10: expected a duration like "5s", found an integer"#]
+    );
+}
+
+#[test]
+fn exec_d_workers_need_a_command_with_its_line_and_column_but_preloaded_ones_do_not() {
+    let text = "graceful_timeout = \"5s\"\n[workers]\ncount = 2\n";
+    let e = only_error(text);
+    assert_eq!(e, error("workers.command", 2, 1, "missing required key \"command\""));
+    assert_eq!(
+        e.to_string(),
+        "workers.command: line 2, column 1: missing required key \"command\""
+    );
+    let preload = parse_str(text, Path::new(FILE), Path::new(DIR), None, 8, Launch::Preload);
+    let c = preload.unwrap();
+    assert_eq!((c.workers.command.len(), c.workers.count), (0, 2));
+    // No workers to exec: no command needed either.
+    let text = "[workers]\ncount = 0\n[[singleton]]\nname = \"s\"\ncommand = [\"s\"]\n";
+    assert_eq!(parse(text).workers.count, 0);
+}
+
+#[test]
+fn ticket_sizes_are_bounded_by_the_config_alone() {
+    let text = |buckets: u32, limit: u64| {
+        format!("[tickets.t]\ninterval = \"1s\"\nhttp = \"127.0.0.1:0\"\nbuckets = {buckets}\ndaily_limit = {limit}\n")
+    };
+    let c = parse(&text(MAX_BUCKETS, MAX_DAILY_LIMIT));
+    assert_eq!(c.tickets["t"].buckets, MAX_BUCKETS);
+    let all = errors(&text(MAX_BUCKETS + 1, MAX_DAILY_LIMIT + 1));
+    let shown: Vec<String> = all.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            format!("tickets.t.buckets: line 4, column 11: expected an integer from 1 to {MAX_BUCKETS}, found {}", MAX_BUCKETS + 1),
+            format!("tickets.t.daily_limit: line 5, column 15: expected an integer from 1 to {MAX_DAILY_LIMIT}, found {}", MAX_DAILY_LIMIT + 1),
+        ]
     );
 }

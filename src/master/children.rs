@@ -11,8 +11,8 @@ use crate::config::{self, Config, Hook, Ready};
 use crate::environment::{Environment, WorkerVars};
 use crate::listener::Listener;
 use crate::master::hooks::Point;
-use crate::prefork::{Context, WorkerFn};
 use crate::spawn::{self, Command, Credentials, Setup, SpawnError};
+use crate::worker::{Context, WorkerFn};
 
 /// Which worker: its slot, the slot count and its generation.
 #[derive(Debug, Clone, Copy)]

@@ -87,15 +87,7 @@ pub struct Options {
     pub in_process: Option<InProcess>,
 }
 
-pub use crate::prefork::InProcess;
-
-/// A config the master can run: exec'd workers need `[workers] command`.
-pub fn check_command(config: &Config, in_process: bool) -> Result<(), String> {
-    if !in_process && config.workers.count > 0 && config.workers.command.is_empty() {
-        return Err("workers.command: missing required key".into());
-    }
-    Ok(())
-}
+pub use crate::worker::InProcess;
 
 /// Where the master is in its life (DESIGN.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +137,11 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
     let setup = |what: &str, e: String| MasterError::Setup(format!("{what}: {e}"));
     // First, before any fd is opened: the sockets systemd passed, made close-on-exec.
     let inherited = systemd::inherited_listeners().map_err(BindError::from)?;
+    // Every fork of the master follows a check that it runs one thread (the watcher's too).
+    let threads = crate::spawn::thread_count();
+    if options.in_process.is_some() && threads > 1 {
+        return Err(MasterError::ThreadsBeforePreload(threads));
+    }
     // Then, before any child: the watcher, which kills what a master killed with kill -9
     // leaves behind (forked before the preload and the signal handlers).
     let cgroup = match Cgroup::create() {
@@ -172,14 +169,10 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         listeners.push(l);
     }
     if let Some(in_process) = &mut options.in_process {
-        let threads = crate::prefork::thread_count();
-        if threads > 1 {
-            return Err(MasterError::ThreadsBeforePreload(threads));
-        }
         info!("preload");
         let began = Instant::now();
         in_process.preload();
-        let threads = crate::prefork::thread_count();
+        let threads = crate::spawn::thread_count();
         if threads > 1 {
             return Err(MasterError::Threads(threads));
         }
@@ -650,7 +643,7 @@ impl Master {
                 pool::Action::BootFailed { slot, attempts, last } => {
                     let command = match &self.options.in_process {
                         // A program built on presup::prefork: its workers are itself.
-                        Some(_) => crate::prefork::program_name(),
+                        Some(_) => crate::worker::program_name(),
                         None => self.config.workers.command.join(" "),
                     };
                     self.fail(MasterError::Boot { command, slot, attempts, last }, now);
@@ -1048,7 +1041,11 @@ impl Master {
             self.reload_notified = true;
             self.systemd.reloading();
         }
-        let mut new = match config::load_for_this_process(&self.options.config_path) {
+        let launch = match self.options.in_process {
+            Some(_) => config::Launch::Preload,
+            None => config::Launch::Exec,
+        };
+        let mut new = match config::load_for_this_process(&self.options.config_path, launch) {
             Ok(c) => c,
             Err(errors) => {
                 for e in &errors.errors {
@@ -1064,11 +1061,6 @@ impl Master {
         };
         self.tickets.check_reload(&new.tickets);
         self.tickets.add_servers(&mut new);
-        if let Err(e) = check_command(&new, self.options.in_process.is_some()) {
-            error!("reload rejected: {e}; keeping the running one");
-            self.reload_rejected(format!("{e} in the new config"));
-            return;
-        }
         if let Err(e) = self.rebind(&new) {
             error!("reload rejected: {e}; keeping the running config");
             self.reload_rejected(e.to_string());

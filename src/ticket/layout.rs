@@ -8,7 +8,7 @@
 //! offset 128  slots[buckets]       next free instant of each bucket (ns of CLOCK_MONOTONIC)
 //!             ring[daily_limit]    the last grant of each chain (0: none yet), daily only
 //! ```
-#![allow(unsafe_code)]
+#![allow(unsafe_code)] // The ticket file's shared mapping, seen as #[repr(C)] atomics.
 
 use std::fs::File;
 use std::io;

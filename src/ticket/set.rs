@@ -19,10 +19,6 @@ use super::file::{self, Found};
 use super::{env_var, Params, Ticket, TicketError};
 use crate::config::{self, Backoff, Ready, Restart, Signal};
 
-/// The largest sizes a ticket file may have: 8 bytes per bucket and per daily grant.
-pub const MAX_BUCKETS: u32 = 1 << 16;
-pub const MAX_DAILY_LIMIT: u64 = 1 << 20;
-
 /// The singleton name of ticket `name`'s HTTP server; `:` cannot appear in a configured
 /// singleton's name, so it never collides with one.
 pub fn server_name(name: &str) -> String {
@@ -56,7 +52,7 @@ impl Tickets {
         let exe = std::env::current_exe().map_err(|e| io(Path::new("/proc/self/exe"), e))?;
         let mut entries = Vec::new();
         for (name, spec) in tickets {
-            let p = params(name, spec)?;
+            let p = params(spec);
             let (path, file, lock) = match &spec.path {
                 None => {
                     let path = runtime_dir.join(format!("ticket.{name}"));
@@ -201,22 +197,16 @@ fn log_found(name: &str, path: &Path, found: &Found) {
     }
 }
 
-/// A ticket's params from its config, within the sizes a file may have. The spacing of a
-/// bucket's turns is `interval + margin`; the daily window is `daily_period` as configured.
-pub fn params(name: &str, spec: &config::Ticket) -> Result<Params, TicketError> {
-    let fail = |why: String| TicketError::Config { name: name.to_owned(), why };
-    if spec.buckets == 0 || spec.buckets > MAX_BUCKETS {
-        return Err(fail(format!("buckets = {} (at most {MAX_BUCKETS})", spec.buckets)));
-    }
+/// A ticket's params from its config (whose sizes the config checked: within
+/// [`config::MAX_BUCKETS`] and [`config::MAX_DAILY_LIMIT`]). The spacing of a bucket's turns
+/// is `interval + margin`; the daily window is `daily_period` as configured.
+pub fn params(spec: &config::Ticket) -> Params {
     let limit = spec.daily_limit.unwrap_or(0);
-    if limit > MAX_DAILY_LIMIT {
-        return Err(fail(format!("daily_limit = {limit} (at most {MAX_DAILY_LIMIT})")));
-    }
     let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
-    Ok(Params {
+    Params {
         buckets: spec.buckets,
         interval_ns: ns(spec.interval.saturating_add(spec.margin)).max(1),
         daily_limit: limit,
         daily_period_ns: if limit > 0 { ns(spec.daily_period).max(1) } else { 0 },
-    })
+    }
 }

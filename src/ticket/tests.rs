@@ -160,7 +160,7 @@ fn a_bucket_s_turns_are_its_interval_plus_its_margin_apart() {
         path: None,
     };
     let ms = Duration::from_millis;
-    let p = super::set::params("t", &spec(ms(1000), ms(50))).unwrap();
+    let p = super::set::params(&spec(ms(1000), ms(50)));
     assert_eq!(p.interval_ns, 1050 * S / 1000);
     let m = Mem::new(p);
     let ats: Vec<u64> = (0..4).map(|_| m.reserve(0, 100 * S).at).collect();
@@ -169,7 +169,7 @@ fn a_bucket_s_turns_are_its_interval_plus_its_margin_apart() {
     // Two callers woken 40 ms and 0 ms late still act 1 s apart or more.
     assert!((ats[1] - ats[0]) - 40 * S / 1000 >= S);
     // A margin of 0 is the bare interval; the default is a twentieth, at most 50 ms.
-    assert_eq!(super::set::params("t", &spec(ms(1000), ms(0))).unwrap().interval_ns, S);
+    assert_eq!(super::set::params(&spec(ms(1000), ms(0))).interval_ns, S);
     assert_eq!(super::default_margin(ms(5000)), ms(50));
     assert_eq!(super::default_margin(ms(100)), ms(5));
 }

@@ -224,10 +224,14 @@ fn writable(dir: &Path) -> bool {
 /// # Safety
 /// Async-signal-safe calls only, on paths prepared before the fork.
 pub(super) unsafe fn kill_from_watcher(c: &CgroupPaths) {
-    let fd = libc::open(c.kill.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-    if fd >= 0 {
-        libc::write(fd, b"1".as_ptr().cast(), 1);
-        libc::close(fd);
+    // SAFETY: in the watcher (this fn's contract): async-signal-safe calls on a C string
+    // prepared before the fork and an fd opened here.
+    unsafe {
+        let fd = libc::open(c.kill.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"1".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
     }
 }
 
@@ -236,12 +240,16 @@ pub(super) unsafe fn kill_from_watcher(c: &CgroupPaths) {
 /// # Safety
 /// Async-signal-safe calls only, on paths prepared before the fork.
 pub(super) unsafe fn remove_from_watcher(c: &CgroupPaths) {
-    let pause = libc::timespec { tv_sec: 0, tv_nsec: 5_000_000 };
-    for _ in 0..200 {
-        if libc::rmdir(c.dir.as_ptr()) == 0 || *libc::__errno_location() != libc::EBUSY {
-            return;
+    // SAFETY: in the watcher (this fn's contract): async-signal-safe calls on a C string
+    // prepared before the fork and a local timespec.
+    unsafe {
+        let pause = libc::timespec { tv_sec: 0, tv_nsec: 5_000_000 };
+        for _ in 0..200 {
+            if libc::rmdir(c.dir.as_ptr()) == 0 || *libc::__errno_location() != libc::EBUSY {
+                return;
+            }
+            libc::nanosleep(&pause, std::ptr::null_mut());
         }
-        libc::nanosleep(&pause, std::ptr::null_mut());
     }
 }
 
