@@ -16,6 +16,7 @@ pub mod hooks;
 mod log_limit;
 pub mod pool;
 pub mod singletons;
+pub mod stop;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, RawFd};
@@ -43,8 +44,9 @@ use crate::watcher::{Cgroup, Watcher};
 use groups::{Groups, Owner};
 use hooks::{HookRun, Outcome, Point};
 use log_limit::{LogLimit, StatusLog};
-use pool::{Cause, Exit, ExitStatus, Policy, Pool, StopWhy};
+use pool::{Cause, Exit, Policy, Pool, StopWhy};
 use singletons::Singletons;
+use stop::{ExitStatus, FAST_STOP_GRACE};
 
 /// Why the master could not start (exit 3) or failed while running (exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +210,6 @@ pub fn run(config: Config, mut options: Options) -> Result<(), MasterError> {
         singletons: Singletons::new(&config.singleton, now),
         runs: vec![on_starting],
         stage: Stage::OnStarting,
-        fast_stop: false,
         retired_listeners: Vec::new(),
         pending_reload: None,
         rollback_config: None,
@@ -252,8 +253,6 @@ struct Master {
     singletons: Singletons,
     /// Hook runs under way (the finished ones are dropped).
     runs: Vec<HookRun>,
-    /// The stop under way is fast (INT/QUIT): singletons get SIGQUIT and a short grace too.
-    fast_stop: bool,
     /// Listeners a reload removed, kept while the old workers may still serve on them and a
     /// rollback may need them back; closed when the reload is done or undone.
     retired_listeners: Vec<Listener>,
@@ -335,7 +334,9 @@ impl Master {
                 Stage::Singletons
             }
             Stage::StoppingWorkers if self.pool.is_done() => {
-                self.singletons.stop(self.fast_stop, now);
+                // A fast stop (INT/QUIT) of the workers is a fast stop of the singletons too.
+                let fast = self.pool.phase() == pool::Phase::Stopping { fast: true };
+                self.singletons.stop(fast, now);
                 Stage::StoppingSingletons
             }
             // on_exit is the last word: it waits for the hooks still running (the worker_exit
@@ -358,7 +359,6 @@ impl Master {
 
     /// Begins the way out: workers first, then singletons, then `on_exit`.
     fn stop(&mut self, fast: bool, now: Instant) {
-        self.fast_stop |= fast;
         if self.stage == Stage::OnStarting {
             for run in &mut self.runs {
                 if let Some(pid) = run.abandon() {
@@ -377,12 +377,12 @@ impl Master {
         if fast {
             // What is left of a stopped child's group had the child's grace: a fast stop
             // shortens it as it does the live children's.
-            for pgid in self.groups.hasten(now + pool::FAST_STOP_GRACE) {
+            for pgid in self.groups.hasten(now + FAST_STOP_GRACE) {
                 if self.signal_draining(pgid, Signal::SIGQUIT) {
                     info!(
                         pgid = pgid.as_raw(),
                         "fast stop: SIGQUIT to what is left of a process group, SIGKILL in {}s",
-                        pool::FAST_STOP_GRACE.as_secs()
+                        FAST_STOP_GRACE.as_secs()
                     );
                 }
             }
@@ -802,7 +802,7 @@ impl Master {
                     }
                 }
                 Message::Ready => {
-                    self.singletons.notified_ready(pid, now);
+                    self.singletons.notified_ready(pid);
                 }
                 Message::Status(status) => {
                     let log = self.statuses.entry(pid).or_default();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use super::stop::{ExitStatus, Grace, Plan};
 use crate::backoff::Backoff;
 use crate::config;
 
@@ -61,11 +62,12 @@ impl Policy {
     }
 }
 
-/// The grace a fast stop gives before SIGKILL.
-pub const FAST_STOP_GRACE: Duration = Duration::from_secs(1);
-
 /// The grace between a watchdog's SIGABRT and SIGKILL.
 pub const WATCHDOG_GRACE: Duration = Duration::from_secs(2);
+
+/// How a silent worker is stopped: SIGABRT (a core dump, a stack trace), SIGKILL after
+/// [`WATCHDOG_GRACE`].
+const WATCHDOG_PLAN: Plan = Plan { signal: Signal::SIGABRT, grace: WATCHDOG_GRACE };
 
 /// Why the master stops a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,9 +92,10 @@ pub enum Life {
     /// Spawned, not up yet: up at `deadline` (spawn mode) or killed then (notify mode).
     Starting { deadline: Instant },
     /// Up; with `watchdog`, it must send `WATCHDOG=1` before `watchdog_at`.
-    Up { since: Instant, watchdog_at: Option<Instant> },
-    /// Sent its stop signal; SIGKILL to its group at `kill_at` unless `killed` already.
-    Stopping { why: StopWhy, kill_at: Instant, killed: bool, was_up: bool },
+    Up { watchdog_at: Option<Instant> },
+    /// Sent its stop signal (or none: it retires by itself); SIGKILL to its group when its
+    /// grace is over.
+    Stopping { why: StopWhy, grace: Grace },
     /// Reaped, but its process group still has members (being killed): the slot waits for
     /// [`Pool::group_gone`]. Keyed by the old pid, which is the group's id.
     Draining,
@@ -113,25 +116,6 @@ impl Worker {
     }
     pub fn up(&self) -> bool {
         matches!(self.life, Life::Up { .. })
-    }
-}
-
-/// How a child ended, as the reaper saw it (or as the spawn failed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitStatus {
-    Code(i32),
-    Signal(Signal),
-    /// It never ran: fork or exec failed.
-    NotStarted(String),
-}
-
-impl std::fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
-            ExitStatus::Signal(s) => write!(f, "killed by {}", s.as_str()),
-            ExitStatus::NotStarted(why) => write!(f, "could not start: {why}"),
-        }
     }
 }
 
@@ -318,15 +302,13 @@ impl Pool {
         if !w.live() {
             return false;
         }
-        let was_up = w.up();
-        w.life =
-            Life::Stopping { why: StopWhy::Retiring, kill_at: now + grace, killed: false, was_up };
+        w.life = Life::Stopping { why: StopWhy::Retiring, grace: Grace::Until(now + grace) };
         true
     }
 
-    /// Stops every worker: gracefully (stop signal, SIGKILL at `graceful_timeout`) or fast
-    /// (SIGQUIT, SIGKILL after [`FAST_STOP_GRACE`]). A fast stop during a graceful one speeds
-    /// up the workers already stopping.
+    /// Stops every worker: gracefully or fast, by the rule of [`Plan::new`] with
+    /// `graceful_timeout`. A fast stop during a graceful one hurries the workers already
+    /// stopping ([`Grace::hasten`]).
     pub fn stop(&mut self, fast: bool, now: Instant) {
         match self.phase {
             Phase::Stopping { fast: true } => return,
@@ -337,17 +319,12 @@ impl Pool {
         if !fast {
             return;
         }
-        let kill_at = now + FAST_STOP_GRACE.min(self.policy.graceful_timeout);
+        let plan = Plan::fast(self.policy.graceful_timeout);
         for (&pid, w) in self.workers.iter_mut() {
-            if let Life::Stopping { kill_at: at, killed: false, why, .. } = &mut w.life {
-                if *at > kill_at {
-                    *at = kill_at;
-                    self.pending.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGQUIT,
-                        why: *why,
-                    });
+            if let Life::Stopping { grace, why } = &mut w.life {
+                if grace.hasten(plan, now) {
+                    let (slot, signal, why) = (w.slot, plan.signal, *why);
+                    self.pending.push(Action::Signal { pid, slot, signal, why });
                 }
             }
         }
@@ -400,7 +377,7 @@ impl Pool {
         if !matches!(w.life, Life::Starting { .. }) {
             return false;
         }
-        w.life = Life::Up { since: now, watchdog_at: self.policy.watchdog.map(|d| now + d) };
+        w.life = Life::Up { watchdog_at: self.policy.watchdog.map(|d| now + d) };
         let slot = w.slot;
         self.slot(slot).boot_failures = 0;
         true
@@ -416,7 +393,7 @@ impl Pool {
         // it leaves behind was not asked to finish, so it goes at once, as after a crash.
         let group_grace = match w.life {
             Life::Stopping { why: StopWhy::Retiring, .. } => None,
-            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         };
         let cause = match w.life {
@@ -424,7 +401,7 @@ impl Pool {
                 Cause::BootFailure
             }
             Life::Up { .. } => Cause::Crash,
-            Life::Stopping { why, killed, .. } => Cause::Stopped { why, killed },
+            Life::Stopping { why, grace } => Cause::Stopped { why, killed: grace.killed() },
             Life::Draining => unreachable!("a draining worker was reaped before"),
         };
         let watchdog = matches!(cause, Cause::Stopped { why: StopWhy::Watchdog, .. });
@@ -525,7 +502,7 @@ impl Pool {
         let workers = self.workers.values().filter_map(|w| match w.life {
             Life::Starting { deadline } => Some(deadline),
             Life::Up { watchdog_at, .. } => watchdog_at,
-            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         });
         // A blocked slot waits for an event (a reaping), not for its backoff instant; a pause
@@ -564,50 +541,28 @@ impl Pool {
         let watchdog = self.policy.watchdog;
         let mut came_up = Vec::new();
         for (&pid, w) in self.workers.iter_mut() {
-            match w.life {
-                Life::Starting { deadline } if deadline <= now && !notify => {
-                    w.life =
-                        Life::Up { since: deadline, watchdog_at: watchdog.map(|d| deadline + d) };
-                    came_up.push(w.slot);
+            let slot = w.slot;
+            match &mut w.life {
+                Life::Starting { deadline } if *deadline <= now && !notify => {
+                    let at = *deadline;
+                    w.life = Life::Up { watchdog_at: watchdog.map(|d| at + d) };
+                    came_up.push(slot);
                 }
-                Life::Up { watchdog_at: Some(at), .. } if at <= now => {
-                    let kill_at = now + WATCHDOG_GRACE;
-                    w.life = Life::Stopping {
-                        why: StopWhy::Watchdog,
-                        kill_at,
-                        killed: false,
-                        was_up: true,
-                    };
-                    let why = StopWhy::Watchdog;
-                    actions.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGABRT,
-                        why,
-                    });
+                Life::Up { watchdog_at: Some(at) } if *at <= now => {
+                    let (why, plan) = (StopWhy::Watchdog, WATCHDOG_PLAN);
+                    w.life = Life::Stopping { why, grace: plan.begin(now) };
+                    actions.push(Action::Signal { pid, slot, signal: plan.signal, why });
                 }
-                Life::Starting { deadline } if deadline <= now => {
-                    w.life = Life::Stopping {
-                        why: StopWhy::BootTimeout,
-                        kill_at: now,
-                        killed: true,
-                        was_up: false,
-                    };
-                    actions.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGKILL,
-                        why: StopWhy::BootTimeout,
-                    });
+                // Not up in time: a boot failure, killed at once.
+                Life::Starting { deadline } if *deadline <= now => {
+                    let why = StopWhy::BootTimeout;
+                    w.life = Life::Stopping { why, grace: Grace::Killed };
+                    actions.push(Action::Signal { pid, slot, signal: Signal::SIGKILL, why });
                 }
-                Life::Stopping { kill_at, killed: false, why, was_up } if kill_at <= now => {
-                    w.life = Life::Stopping { why, kill_at, killed: true, was_up };
-                    actions.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGKILL,
-                        why,
-                    });
+                Life::Stopping { why, grace } if grace.due(now) => {
+                    *grace = Grace::Killed;
+                    let why = *why;
+                    actions.push(Action::Signal { pid, slot, signal: Signal::SIGKILL, why });
                 }
                 _ => {}
             }
@@ -617,40 +572,35 @@ impl Pool {
         }
     }
 
-    fn begin_stop(
-        &mut self,
-        pid: Pid,
-        why: StopWhy,
-        signal: Option<Signal>,
-        grace: Duration,
-        now: Instant,
-    ) -> Option<Action> {
+    /// Sends a live worker the signal of `plan`; SIGKILL at the end of its grace.
+    fn begin_stop(&mut self, pid: Pid, why: StopWhy, plan: Plan, now: Instant) -> Option<Action> {
         let w = self.workers.get_mut(&pid)?;
         if !w.live() {
             return None;
         }
-        let was_up = w.up();
-        w.life = Life::Stopping { why, kill_at: now + grace, killed: false, was_up };
-        let signal = signal.unwrap_or(w.stop_signal);
-        Some(Action::Signal { pid, slot: w.slot, signal, why })
+        w.life = Life::Stopping { why, grace: plan.begin(now) };
+        Some(Action::Signal { pid, slot: w.slot, signal: plan.signal, why })
+    }
+
+    /// The graceful plan of the worker `pid`: its own stop signal, the current
+    /// `graceful_timeout`.
+    fn graceful(&self, pid: Pid) -> Plan {
+        let signal = self.workers.get(&pid).map_or(self.policy.stop_signal, |w| w.stop_signal);
+        Plan::new(false, signal, self.policy.graceful_timeout)
     }
 
     fn stop_all(&mut self, fast: bool, now: Instant, actions: &mut Vec<Action>) {
-        let (signal, grace) = if fast {
-            (Some(Signal::SIGQUIT), FAST_STOP_GRACE.min(self.policy.graceful_timeout))
-        } else {
-            (None, self.policy.graceful_timeout)
-        };
         let live: Vec<Pid> =
             self.workers.iter().filter(|(_, w)| w.live()).map(|(p, _)| *p).collect();
         for pid in live {
-            actions.extend(self.begin_stop(pid, StopWhy::Shutdown, signal, grace, now));
+            let plan =
+                if fast { Plan::fast(self.policy.graceful_timeout) } else { self.graceful(pid) };
+            actions.extend(self.begin_stop(pid, StopWhy::Shutdown, plan, now));
         }
     }
 
     /// Live workers in slots at or above the target, highest slot first.
     fn stop_surplus(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let grace = self.policy.graceful_timeout;
         let mut surplus: Vec<(usize, Pid)> = self
             .workers
             .iter()
@@ -659,13 +609,12 @@ impl Pool {
             .collect();
         surplus.sort_by(|a, b| b.cmp(a));
         for (_, pid) in surplus {
-            actions.extend(self.begin_stop(pid, StopWhy::Surplus, None, grace, now));
+            actions.extend(self.begin_stop(pid, StopWhy::Surplus, self.graceful(pid), now));
         }
     }
 
     /// Old-generation workers whose slot has an up worker of the current generation.
     fn retire_replaced(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let grace = self.policy.graceful_timeout;
         let old: Vec<Pid> = self
             .workers
             .iter()
@@ -676,7 +625,7 @@ impl Pool {
             .map(|(p, _)| *p)
             .collect();
         for pid in old {
-            actions.extend(self.begin_stop(pid, StopWhy::Retired, None, grace, now));
+            actions.extend(self.begin_stop(pid, StopWhy::Retired, self.graceful(pid), now));
         }
     }
 
@@ -734,9 +683,8 @@ impl Pool {
                 && self.in_slot(s).any(|w| w.generation == self.generation && w.up())
         });
         if others_done {
-            let grace = self.policy.graceful_timeout;
             for pid in old {
-                actions.extend(self.begin_stop(pid, StopWhy::Retired, None, grace, now));
+                actions.extend(self.begin_stop(pid, StopWhy::Retired, self.graceful(pid), now));
             }
         }
         false

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use super::stop::{ExitStatus, Grace, Plan};
 use crate::backoff::Backoff;
 use crate::config::{self, Ready, Restart};
-use crate::master::pool::{ExitStatus, FAST_STOP_GRACE};
 
 /// A singleton's state; each state carries its own data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,18 +27,17 @@ pub enum Life {
     /// `probe_at` the next connection attempt for socket readiness.
     Starting {
         pid: Pid,
-        since: Instant,
         deadline: Instant,
         probe: Option<Probe>,
     },
     Up {
         pid: Pid,
-        since: Instant,
     },
+    /// Sent its stop signal; SIGKILL to its group when the grace is over. `boot_timeout`: it
+    /// was killed for not being ready in time (a boot failure, not a stop).
     Stopping {
         pid: Pid,
-        kill_at: Instant,
-        killed: bool,
+        grace: Grace,
         boot_timeout: bool,
     },
     /// No process and none wanted (its policy said so, or the master is stopping).
@@ -206,9 +205,9 @@ impl Singletons {
         Some(index)
     }
 
-    /// Stops them all, last first: with their `stop_signal` and `stop_timeout`, or, for a fast
-    /// stop, SIGQUIT and SIGKILL after [`FAST_STOP_GRACE`] (which also hurries one already
-    /// stopping).
+    /// Stops them all, last first, by the rule of [`Plan::new`] with each one's
+    /// `stop_signal` and `stop_timeout`. A fast stop also hurries one already stopping
+    /// ([`Grace::hasten`]).
     pub fn stop(&mut self, fast: bool, now: Instant) {
         self.phase = Phase::Stopping;
         self.fast |= fast;
@@ -216,13 +215,19 @@ impl Singletons {
             return;
         }
         for (index, e) in self.entries.iter_mut().enumerate() {
-            if let Life::Stopping { pid, kill_at, killed: false, .. } = &mut e.life {
-                if *kill_at > now + FAST_STOP_GRACE {
-                    *kill_at = now + FAST_STOP_GRACE;
-                    self.pending.push(Action::Signal { index, pid: *pid, signal: Signal::SIGQUIT });
+            let plan = Plan::fast(e.spec.stop_timeout);
+            if let Life::Stopping { pid, grace, .. } = &mut e.life {
+                if grace.hasten(plan, now) {
+                    self.pending.push(Action::Signal { index, pid: *pid, signal: plan.signal });
                 }
             }
         }
+    }
+
+    /// How singleton `index` is stopped now.
+    fn plan(&self, index: usize) -> Plan {
+        let spec = &self.entries[index].spec;
+        Plan::new(self.fast, spec.stop_signal.0, spec.stop_timeout)
     }
 
     /// A reload: singletons whose definition changed are stopped and started again with the
@@ -272,17 +277,13 @@ impl Singletons {
         }
     }
 
-    /// Sends one singleton its stop signal, SIGKILL at its `stop_timeout`.
+    /// Sends one singleton its stop signal, SIGKILL at the end of its grace.
     fn stop_one(&mut self, index: usize, now: Instant) {
+        let plan = self.plan(index);
         let e = &mut self.entries[index];
         if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
-            e.life = Life::Stopping {
-                pid,
-                kill_at: now + e.spec.stop_timeout,
-                killed: false,
-                boot_timeout: false,
-            };
-            self.pending.push(Action::Signal { index, pid, signal: e.spec.stop_signal.0 });
+            e.life = Life::Stopping { pid, grace: plan.begin(now), boot_timeout: false };
+            self.pending.push(Action::Signal { index, pid, signal: plan.signal });
         }
     }
 
@@ -292,7 +293,7 @@ impl Singletons {
             .then_some(Probe { at: Some(now + PROBE_FIRST), every: PROBE_FIRST });
         let wait =
             if e.spec.ready == Ready::Spawn { e.spec.min_uptime } else { e.spec.boot_timeout };
-        e.life = Life::Starting { pid, since: now, deadline: now + wait, probe };
+        e.life = Life::Starting { pid, deadline: now + wait, probe };
         e.started = Some(now);
     }
 
@@ -302,9 +303,9 @@ impl Singletons {
     }
 
     /// `READY=1` from `pid`; true if that made a singleton up.
-    pub fn notified_ready(&mut self, pid: Pid, now: Instant) -> bool {
+    pub fn notified_ready(&mut self, pid: Pid) -> bool {
         match self.index_of(pid) {
-            Some(i) if self.entries[i].spec.ready == Ready::Notify => self.came_up(i, now),
+            Some(i) if self.entries[i].spec.ready == Ready::Notify => self.came_up(i),
             _ => false,
         }
     }
@@ -312,16 +313,16 @@ impl Singletons {
     /// The result of a `Probe`.
     pub fn probed(&mut self, index: usize, ok: bool, now: Instant) {
         if ok {
-            self.came_up(index, now);
+            self.came_up(index);
         } else if let Life::Starting { probe: Some(p), .. } = &mut self.entries[index].life {
             p.every = (p.every * 2).min(PROBE_MAX);
             p.at = Some(now + p.every);
         }
     }
 
-    fn came_up(&mut self, index: usize, now: Instant) -> bool {
+    fn came_up(&mut self, index: usize) -> bool {
         let Life::Starting { pid, .. } = self.entries[index].life else { return false };
-        self.entries[index].life = Life::Up { pid, since: now };
+        self.entries[index].life = Life::Up { pid };
         self.pending.push(Action::Up { index, pid });
         true
     }
@@ -330,7 +331,7 @@ impl Singletons {
     pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
         let index = self.index_of(pid)?;
         let group_grace = match self.entries[index].life {
-            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         };
         let (stopped, boot) = match self.entries[index].life {
@@ -404,7 +405,7 @@ impl Singletons {
                 Life::Starting { deadline, probe, .. } => {
                     Some(probe.and_then(|p| p.at).map_or(deadline, |at| at.min(deadline)))
                 }
-                Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+                Life::Stopping { grace, .. } => grace.kill_at(),
                 _ => None,
             })
             .min()
@@ -434,20 +435,20 @@ impl Singletons {
         let spawn_mode = self.entries[index].spec.ready == Ready::Spawn;
         match &mut self.entries[index].life {
             Life::Starting { deadline, .. } if *deadline <= now && spawn_mode => {
-                self.came_up(index, now);
+                self.came_up(index);
             }
             Life::Starting { pid, deadline, .. } if *deadline <= now => {
                 let pid = *pid;
                 self.entries[index].life =
-                    Life::Stopping { pid, kill_at: now, killed: true, boot_timeout: true };
+                    Life::Stopping { pid, grace: Grace::Killed, boot_timeout: true };
                 actions.push(Action::Signal { index, pid, signal: Signal::SIGKILL });
             }
             Life::Starting { probe: Some(p), .. } if p.at.is_some_and(|at| at <= now) => {
                 p.at = None;
                 actions.push(Action::Probe { index });
             }
-            Life::Stopping { pid, kill_at, killed, .. } if !*killed && *kill_at <= now => {
-                *killed = true;
+            Life::Stopping { pid, grace, .. } if grace.due(now) => {
+                *grace = Grace::Killed;
                 actions.push(Action::Signal { index, pid: *pid, signal: Signal::SIGKILL });
             }
             _ => {}
@@ -482,16 +483,11 @@ impl Singletons {
             }
         }
         let Some(index) = self.entries.iter().rposition(Entry::has_processes) else { return };
+        let plan = self.plan(index);
         let e = &mut self.entries[index];
         if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
-            let (signal, grace) = if self.fast {
-                (Signal::SIGQUIT, FAST_STOP_GRACE.min(e.spec.stop_timeout))
-            } else {
-                (e.spec.stop_signal.0, e.spec.stop_timeout)
-            };
-            e.life =
-                Life::Stopping { pid, kill_at: now + grace, killed: false, boot_timeout: false };
-            actions.push(Action::Signal { index, pid, signal });
+            e.life = Life::Stopping { pid, grace: plan.begin(now), boot_timeout: false };
+            actions.push(Action::Signal { index, pid, signal: plan.signal });
         }
     }
 }
