@@ -18,7 +18,8 @@
 //! [`pidfile`] holds the pidfile lock; [`directory`] makes files without following symlinks; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
 //! systemd (notifications, socket activation); [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`];
-//! [`watcher`] kills what a master killed with `kill -9` leaves behind.
+//! [`watcher`] kills what a master killed with `kill -9` leaves behind; [`exit`] is the table of
+//! exit codes.
 
 #![deny(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod environment;
+pub mod exit;
 pub mod listener;
 pub mod logs;
 pub mod master;

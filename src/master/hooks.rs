@@ -75,7 +75,7 @@ pub enum Action {
 
 /// How a hook command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Ended {
     pub ok: bool,
     /// "exited with code 3", "killed at its 60s timeout", "cannot execute ..."
     pub status: String,
@@ -92,7 +92,7 @@ pub struct HookRun {
     attempt: u32,
     life: Life,
     /// The first command that failed for good, with its last outcome.
-    failure: Option<(usize, Outcome)>,
+    failure: Option<(usize, Ended)>,
     /// Whether the master asked the run to stop (a stop during `on_starting`).
     abandoned: bool,
 }
@@ -113,7 +113,7 @@ impl HookRun {
     }
 
     /// The failed command and how it ended, once a command failed after all its retries.
-    pub fn failure(&self) -> Option<&(usize, Outcome)> {
+    pub fn failure(&self) -> Option<&(usize, Ended)> {
         self.failure.as_ref()
     }
 
@@ -151,7 +151,7 @@ impl HookRun {
     }
 
     /// The current command ended (or could not be spawned). Returns the outcome as logged.
-    pub fn finished(&mut self, outcome: &Outcome, now: Instant) {
+    pub fn finished(&mut self, outcome: &Ended, now: Instant) {
         let killed = matches!(self.life, Life::Running { grace: Grace::Killed, .. });
         let hook = &self.hooks[self.index];
         if outcome.ok && !killed {
@@ -222,12 +222,12 @@ mod tests {
         }
     }
 
-    fn ok() -> Outcome {
-        Outcome { ok: true, status: "exited with code 0".into() }
+    fn ok() -> Ended {
+        Ended { ok: true, status: "exited with code 0".into() }
     }
 
-    fn failed() -> Outcome {
-        Outcome { ok: false, status: "exited with code 1".into() }
+    fn failed() -> Ended {
+        Ended { ok: false, status: "exited with code 1".into() }
     }
 
     #[test]
@@ -277,7 +277,7 @@ mod tests {
         let late = t + Duration::from_secs(60);
         assert_eq!(run.step(late), vec![Action::Kill { pid: Pid::from_raw(10) }]);
         assert_eq!(run.step(late), vec![]);
-        run.finished(&Outcome { ok: false, status: "killed by SIGKILL".into() }, late);
+        run.finished(&Ended { ok: false, status: "killed by SIGKILL".into() }, late);
         let (index, outcome) = run.failure().unwrap();
         assert_eq!((*index, outcome.status.as_str()), (0, "killed at its 1m timeout"));
         // Not on_starting: the next command still runs.
@@ -291,7 +291,7 @@ mod tests {
         run.step(t);
         run.spawned(Pid::from_raw(10), t);
         assert_eq!(run.abandon(), Some(Pid::from_raw(10)));
-        run.finished(&Outcome { ok: false, status: "killed by SIGKILL".into() }, t);
+        run.finished(&Ended { ok: false, status: "killed by SIGKILL".into() }, t);
         assert!(run.is_done());
         assert_eq!(run.step(t), vec![]);
         // Said as it is: the stop killed it, not its timeout.

@@ -139,7 +139,7 @@ pub enum Action {
 
 /// Why a worker ended, for the log and the `worker_exit` hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
+pub struct Ended {
     pub pid: Pid,
     pub slot: usize,
     pub generation: u64,
@@ -384,7 +384,7 @@ impl Pool {
     }
 
     /// A child was reaped. `None` if it was not one of the workers.
-    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Ended> {
         if self.workers.get(&pid)?.life == Life::Draining {
             return None;
         }
@@ -417,7 +417,7 @@ impl Pool {
             let at = self.slots.get(w.slot).and_then(|s| s.not_before).unwrap_or(now);
             at.saturating_duration_since(now)
         });
-        Some(Exit {
+        Some(Ended {
             pid,
             slot: w.slot,
             generation: w.generation,
@@ -431,7 +431,7 @@ impl Pool {
 
     /// The process group of the worker of `exit` outlives it: its slot gets no new worker
     /// until [`Pool::group_gone`] (and the pool is not done while it drains).
-    pub fn group_outlives(&mut self, exit: &Exit, now: Instant) {
+    pub fn group_outlives(&mut self, exit: &Ended, now: Instant) {
         let worker = Worker {
             slot: exit.slot,
             generation: exit.generation,

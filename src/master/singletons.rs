@@ -147,7 +147,7 @@ impl Entry {
 
 /// What the log says of a singleton's exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
+pub struct Ended {
     pub index: usize,
     pub status: ExitStatus,
     pub stopped: bool,
@@ -328,7 +328,7 @@ impl Singletons {
     }
 
     /// A child was reaped; `None` if it was not a singleton.
-    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Ended> {
         let index = self.index_of(pid)?;
         let group_grace = match self.entries[index].life {
             Life::Stopping { grace, .. } => grace.kill_at(),
@@ -353,7 +353,7 @@ impl Singletons {
             Life::Waiting { not_before } => Some(not_before.saturating_duration_since(now)),
             _ => None,
         };
-        Some(Exit { index, status, stopped, restart_in, group_grace })
+        Some(Ended { index, status, stopped, restart_in, group_grace })
     }
 
     fn died(&mut self, index: usize, status: ExitStatus, boot: bool, now: Instant) {
