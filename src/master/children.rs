@@ -1,5 +1,6 @@
 //! Starting the master's three kinds of child (workers, singletons, hooks) with what each is
-//! given (DESIGN.md §6), and looking at the children from outside: readiness probes and the
+//! given (the [`Inheritance`]: the environment, presup's own variables, the privileges to drop
+//! to, the cgroup; plus each kind's own variables, listeners and working directory), and looking at the children from outside: readiness probes and the
 //! list of the master's live children.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,7 +23,7 @@ pub struct At {
     pub generation: u64,
 }
 
-/// What every child shares: the master's environment less systemd's variables, presup's own
+/// What every child inherits from the master: the master's environment less systemd's variables, presup's own
 /// variables (`NOTIFY_SOCKET`, `PRESUP_MASTER_PID`, `PRESUP_TICKET_*`), and the privileges to
 /// drop to.
 pub struct Inheritance {

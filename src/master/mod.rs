@@ -165,7 +165,7 @@ impl Master {
             }
             Stage::StoppingWorkers if self.pool.is_done() => {
                 // A fast stop (INT/QUIT) of the workers is a fast stop of the singletons too.
-                let fast = self.pool.phase() == pool::Phase::Stopping { fast: true };
+                let fast = self.pool.stage() == pool::Stage::Stopping { fast: true };
                 self.singletons.stop(fast, now);
                 Stage::StoppingSingletons
             }

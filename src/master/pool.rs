@@ -71,7 +71,7 @@ const WATCHDOG_PLAN: Plan = Plan { signal: Signal::SIGABRT, grace: WATCHDOG_GRAC
 
 /// Why the master stops a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopWhy {
+pub enum StopCause {
     /// Replaced by a worker of a newer generation.
     Retired,
     /// Its slot is above the wanted count (TTOU, or a reload with fewer workers).
@@ -95,7 +95,7 @@ pub enum Life {
     Up { watchdog_at: Option<Instant> },
     /// Sent its stop signal (or none: it retires by itself); SIGKILL to its group when its
     /// grace is over.
-    Stopping { why: StopWhy, grace: Grace },
+    Stopping { why: StopCause, grace: Grace },
     /// Reaped, but its process group still has members (being killed): the slot waits for
     /// [`Pool::group_gone`]. Keyed by the old pid, which is the group's id.
     Draining,
@@ -125,7 +125,7 @@ pub enum Action {
     /// Fork and exec a worker of `generation` in `slot`, then call `spawned` or `spawn_failed`.
     Spawn { slot: usize, generation: u64 },
     /// Send `signal` to the worker's process group.
-    Signal { pid: Pid, slot: usize, signal: Signal, why: StopWhy },
+    Signal { pid: Pid, slot: usize, signal: Signal, why: StopCause },
     /// Every slot of the initial generation has an up worker: the boot is over.
     Booted,
     /// A slot failed to boot `attempts` times in a row during the boot; the master gives up.
@@ -162,11 +162,11 @@ pub enum Cause {
     /// It died on its own after coming up.
     Crash,
     /// The master stopped it; `killed` says whether it took the SIGKILL at the deadline.
-    Stopped { why: StopWhy, killed: bool },
+    Stopped { why: StopCause, killed: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum Stage {
     Booting,
     Running,
     Stopping { fast: bool },
@@ -199,7 +199,7 @@ pub struct Pool {
     /// During a reload: the last settled generation, to roll back to.
     rollout: Option<Settled>,
     policy: Policy,
-    phase: Phase,
+    stage: Stage,
     workers: BTreeMap<Pid, Worker>,
     slots: Vec<Slot>,
     /// Actions decided by an event, handed out by the next `step`.
@@ -217,7 +217,7 @@ impl Pool {
             last_generation: 1,
             rollout: None,
             policy,
-            phase: Phase::Booting,
+            stage: Stage::Booting,
             workers: BTreeMap::new(),
             slots: Vec::new(),
             pending: Vec::new(),
@@ -232,8 +232,8 @@ impl Pool {
     pub fn generation(&self) -> u64 {
         self.generation
     }
-    pub fn phase(&self) -> Phase {
-        self.phase
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
     pub fn workers(&self) -> impl Iterator<Item = (Pid, &Worker)> {
         self.workers.iter().map(|(p, w)| (*p, w))
@@ -244,7 +244,7 @@ impl Pool {
     }
     /// The master may exit: it is stopping and no worker is left.
     pub fn is_done(&self) -> bool {
-        matches!(self.phase, Phase::Stopping { .. }) && self.workers.is_empty()
+        matches!(self.stage, Stage::Stopping { .. }) && self.workers.is_empty()
     }
 
     /// Changes the wanted number of workers (TTIN/TTOU); never below 1 nor above
@@ -302,7 +302,7 @@ impl Pool {
         if !w.live() {
             return false;
         }
-        w.life = Life::Stopping { why: StopWhy::Retiring, grace: Grace::Until(now + grace) };
+        w.life = Life::Stopping { why: StopCause::Retiring, grace: Grace::Until(now + grace) };
         true
     }
 
@@ -310,12 +310,12 @@ impl Pool {
     /// `graceful_timeout`. A fast stop during a graceful one hurries the workers already
     /// stopping ([`Grace::hasten`]).
     pub fn stop(&mut self, fast: bool, now: Instant) {
-        match self.phase {
-            Phase::Stopping { fast: true } => return,
-            Phase::Stopping { fast: false } if !fast => return,
+        match self.stage {
+            Stage::Stopping { fast: true } => return,
+            Stage::Stopping { fast: false } if !fast => return,
             _ => {}
         }
-        self.phase = Phase::Stopping { fast };
+        self.stage = Stage::Stopping { fast };
         if !fast {
             return;
         }
@@ -392,19 +392,19 @@ impl Pool {
         // A worker that retired by itself (STOPPING=1) had no signal sent to its group: what
         // it leaves behind was not asked to finish, so it goes at once, as after a crash.
         let group_grace = match w.life {
-            Life::Stopping { why: StopWhy::Retiring, .. } => None,
+            Life::Stopping { why: StopCause::Retiring, .. } => None,
             Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         };
         let cause = match w.life {
-            Life::Starting { .. } | Life::Stopping { why: StopWhy::BootTimeout, .. } => {
+            Life::Starting { .. } | Life::Stopping { why: StopCause::BootTimeout, .. } => {
                 Cause::BootFailure
             }
             Life::Up { .. } => Cause::Crash,
             Life::Stopping { why, grace } => Cause::Stopped { why, killed: grace.killed() },
             Life::Draining => unreachable!("a draining worker was reaped before"),
         };
-        let watchdog = matches!(cause, Cause::Stopped { why: StopWhy::Watchdog, .. });
+        let watchdog = matches!(cause, Cause::Stopped { why: StopCause::Watchdog, .. });
         if watchdog || !matches!(cause, Cause::Stopped { .. }) {
             let boot = cause == Cause::BootFailure;
             self.record_failure(w.slot, status.clone(), w.started, now, boot);
@@ -488,7 +488,7 @@ impl Pool {
 
     /// The slot is wanted and has no live worker of the current generation.
     fn needs_spawn(&self, slot: usize) -> bool {
-        !matches!(self.phase, Phase::Stopping { .. })
+        !matches!(self.stage, Stage::Stopping { .. })
             && slot < self.target
             && !self.in_slot(slot).any(|w| w.live() && w.generation == self.generation)
     }
@@ -520,11 +520,11 @@ impl Pool {
         self.expire(now, &mut actions);
         if let Some(failed) = self.boot_failure() {
             actions.push(failed);
-            self.phase = Phase::Stopping { fast: false };
+            self.stage = Stage::Stopping { fast: false };
         }
-        match self.phase {
-            Phase::Stopping { fast } => self.stop_all(fast, now, &mut actions),
-            Phase::Booting | Phase::Running => {
+        match self.stage {
+            Stage::Stopping { fast } => self.stop_all(fast, now, &mut actions),
+            Stage::Booting | Stage::Running => {
                 self.stop_surplus(now, &mut actions);
                 self.retire_replaced(now, &mut actions);
                 self.spawn_missing(now, &mut actions);
@@ -549,13 +549,13 @@ impl Pool {
                     came_up.push(slot);
                 }
                 Life::Up { watchdog_at: Some(at) } if *at <= now => {
-                    let (why, plan) = (StopWhy::Watchdog, WATCHDOG_PLAN);
+                    let (why, plan) = (StopCause::Watchdog, WATCHDOG_PLAN);
                     w.life = Life::Stopping { why, grace: plan.begin(now) };
                     actions.push(Action::Signal { pid, slot, signal: plan.signal, why });
                 }
                 // Not up in time: a boot failure, killed at once.
                 Life::Starting { deadline } if *deadline <= now => {
-                    let why = StopWhy::BootTimeout;
+                    let why = StopCause::BootTimeout;
                     w.life = Life::Stopping { why, grace: Grace::Killed };
                     actions.push(Action::Signal { pid, slot, signal: Signal::SIGKILL, why });
                 }
@@ -573,7 +573,7 @@ impl Pool {
     }
 
     /// Sends a live worker the signal of `plan`; SIGKILL at the end of its grace.
-    fn begin_stop(&mut self, pid: Pid, why: StopWhy, plan: Plan, now: Instant) -> Option<Action> {
+    fn begin_stop(&mut self, pid: Pid, why: StopCause, plan: Plan, now: Instant) -> Option<Action> {
         let w = self.workers.get_mut(&pid)?;
         if !w.live() {
             return None;
@@ -595,7 +595,7 @@ impl Pool {
         for pid in live {
             let plan =
                 if fast { Plan::fast(self.policy.graceful_timeout) } else { self.graceful(pid) };
-            actions.extend(self.begin_stop(pid, StopWhy::Shutdown, plan, now));
+            actions.extend(self.begin_stop(pid, StopCause::Shutdown, plan, now));
         }
     }
 
@@ -609,7 +609,7 @@ impl Pool {
             .collect();
         surplus.sort_by(|a, b| b.cmp(a));
         for (_, pid) in surplus {
-            actions.extend(self.begin_stop(pid, StopWhy::Surplus, self.graceful(pid), now));
+            actions.extend(self.begin_stop(pid, StopCause::Surplus, self.graceful(pid), now));
         }
     }
 
@@ -625,7 +625,7 @@ impl Pool {
             .map(|(p, _)| *p)
             .collect();
         for pid in old {
-            actions.extend(self.begin_stop(pid, StopWhy::Retired, self.graceful(pid), now));
+            actions.extend(self.begin_stop(pid, StopCause::Retired, self.graceful(pid), now));
         }
     }
 
@@ -684,7 +684,7 @@ impl Pool {
         });
         if others_done {
             for pid in old {
-                actions.extend(self.begin_stop(pid, StopWhy::Retired, self.graceful(pid), now));
+                actions.extend(self.begin_stop(pid, StopCause::Retired, self.graceful(pid), now));
             }
         }
         false
@@ -692,7 +692,7 @@ impl Pool {
 
     /// During the boot, a slot that failed to come up `boot_attempts` times in a row.
     fn boot_failure(&self) -> Option<Action> {
-        if self.phase != Phase::Booting {
+        if self.stage != Stage::Booting {
             return None;
         }
         let attempts = self.policy.boot_attempts;
@@ -725,8 +725,8 @@ impl Pool {
     fn check_booted(&mut self, actions: &mut Vec<Action>) {
         let all_up = (0..self.target)
             .all(|s| self.in_slot(s).any(|w| w.generation == self.generation && w.up()));
-        if self.phase == Phase::Booting && all_up {
-            self.phase = Phase::Running;
+        if self.stage == Stage::Booting && all_up {
+            self.stage = Stage::Running;
             actions.push(Action::Booted);
         }
     }

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
 use super::groups::Owner;
-use super::pool::{self, Cause, StopWhy};
+use super::pool::{self, Cause, StopCause};
 use super::singletons;
 use super::{Master, Stage};
 use crate::config;
@@ -17,11 +17,11 @@ use crate::notify::Message;
 
 impl Master {
     /// The stop signal of a worker the master replaces, or the watchdog's SIGABRT.
-    pub(super) fn log_worker_signal(&self, pid: Pid, slot: usize, signal: Signal, why: StopWhy) {
+    pub(super) fn log_worker_signal(&self, pid: Pid, slot: usize, signal: Signal, why: StopCause) {
         let (pid, sig) = (pid.as_raw(), signal.as_str());
-        if why == StopWhy::Retired || why == StopWhy::Surplus {
+        if why == StopCause::Retired || why == StopCause::Surplus {
             info!(slot, pid, signal = sig, reason = ?why, "stopping worker");
-        } else if why == StopWhy::Watchdog {
+        } else if why == StopCause::Watchdog {
             let every = self.config.workers.watchdog.unwrap_or_default();
             let every = humantime::format_duration(every);
             warn!(slot, pid, signal = sig, "watchdog timeout: no WATCHDOG=1 within {every}");

@@ -19,7 +19,7 @@ use crate::config::{self, Ready, Restart};
 /// A singleton's state; each state carries its own data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Life {
-    /// No process; to be spawned at `not_before` (when the phase allows).
+    /// No process; to be spawned at `not_before` (when the stage allows).
     Waiting {
         not_before: Instant,
     },
@@ -84,7 +84,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum Stage {
     Booting,
     Running,
     Stopping,
@@ -160,7 +160,7 @@ pub struct Ended {
 #[derive(Debug, Clone)]
 pub struct Singletons {
     entries: Vec<Entry>,
-    phase: Phase,
+    stage: Stage,
     /// A fast stop was asked for.
     fast: bool,
     pending: Vec<Action>,
@@ -169,14 +169,14 @@ pub struct Singletons {
 impl Singletons {
     pub fn new(specs: &[config::Singleton], now: Instant) -> Singletons {
         let entries = specs.iter().map(|spec| Entry::new(spec.clone(), now)).collect();
-        Singletons { entries, phase: Phase::Booting, fast: false, pending: Vec::new() }
+        Singletons { entries, stage: Stage::Booting, fast: false, pending: Vec::new() }
     }
 
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
-    pub fn phase(&self) -> Phase {
-        self.phase
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
     pub fn index_of(&self, pid: Pid) -> Option<usize> {
         self.entries.iter().position(|e| e.pid() == Some(pid))
@@ -190,7 +190,7 @@ impl Singletons {
     }
     /// Stopping, and no singleton process is left (nor any of their process groups).
     pub fn is_done(&self) -> bool {
-        self.phase == Phase::Stopping && self.entries.iter().all(|e| !e.has_processes())
+        self.stage == Stage::Stopping && self.entries.iter().all(|e| !e.has_processes())
     }
 
     /// The group of singleton `index`'s last process (`pgid`, reaped) outlives it.
@@ -209,7 +209,7 @@ impl Singletons {
     /// `stop_signal` and `stop_timeout`. A fast stop also hurries one already stopping
     /// ([`Grace::hasten`]).
     pub fn stop(&mut self, fast: bool, now: Instant) {
-        self.phase = Phase::Stopping;
+        self.stage = Stage::Stopping;
         self.fast |= fast;
         if !fast {
             return;
@@ -234,7 +234,7 @@ impl Singletons {
     /// new one, new ones start, removed ones stop; the others are left alone. The order of the
     /// first config is kept (a new singleton comes after the existing ones).
     pub fn reconfigure(&mut self, specs: &[config::Singleton], now: Instant) {
-        if self.phase == Phase::Stopping {
+        if self.stage == Stage::Stopping {
             return;
         }
         for spec in specs {
@@ -343,7 +343,7 @@ impl Singletons {
             let e = &mut self.entries[index];
             e.life = Life::Finished;
             // Replaced by a reload: the new definition starts now, unless the master stops.
-            if let Some(spec) = e.next.take().filter(|_| self.phase != Phase::Stopping) {
+            if let Some(spec) = e.next.take().filter(|_| self.stage != Stage::Stopping) {
                 *e = Entry::new(spec, now);
             }
         } else {
@@ -358,7 +358,7 @@ impl Singletons {
 
     fn died(&mut self, index: usize, status: ExitStatus, boot: bool, now: Instant) {
         let e = &mut self.entries[index];
-        if self.phase == Phase::Booting && boot {
+        if self.stage == Stage::Booting && boot {
             let why = match (&e.life, &status) {
                 (Life::Stopping { boot_timeout: true, .. }, _) => format!(
                     "not ready within its boot_timeout ({})",
@@ -376,7 +376,7 @@ impl Singletons {
             Restart::OnFailure => failed,
             Restart::Never => false,
         };
-        e.life = if restart && self.phase != Phase::Stopping {
+        e.life = if restart && self.stage != Stage::Stopping {
             let started = e.started.unwrap_or(now);
             Life::Waiting {
                 not_before: e.backoff.record_death(&e.spec.restart_backoff, started, now),
@@ -389,10 +389,10 @@ impl Singletons {
     pub fn next_deadline(&self) -> Option<Instant> {
         // At boot only the first singleton not up may be spawned.
         let booting = self.booting();
-        let may_spawn = |i: usize| match self.phase {
-            Phase::Booting => Some(i) == booting,
-            Phase::Running => true,
-            Phase::Stopping => false,
+        let may_spawn = |i: usize| match self.stage {
+            Stage::Booting => Some(i) == booting,
+            Stage::Running => true,
+            Stage::Stopping => false,
         };
         self.entries
             .iter()
@@ -417,16 +417,16 @@ impl Singletons {
             self.expire(index, now, &mut actions);
         }
         actions.append(&mut self.pending);
-        match self.phase {
-            Phase::Booting => self.boot(now, &mut actions),
-            Phase::Running => {
+        match self.stage {
+            Stage::Booting => self.boot(now, &mut actions),
+            Stage::Running => {
                 for (index, e) in self.entries.iter().enumerate() {
                     if e.due(now) {
                         actions.push(Action::Spawn { index });
                     }
                 }
             }
-            Phase::Stopping => self.stop_last(now, &mut actions),
+            Stage::Stopping => self.stop_last(now, &mut actions),
         }
         actions
     }
@@ -464,7 +464,7 @@ impl Singletons {
     fn boot(&mut self, now: Instant, actions: &mut Vec<Action>) {
         match self.booting() {
             None => {
-                self.phase = Phase::Running;
+                self.stage = Stage::Running;
                 actions.push(Action::Booted);
             }
             Some(index) => {
