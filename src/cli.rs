@@ -1,15 +1,15 @@
 //! The command line the `presup` binary and every program built on [`crate::prefork`] share:
 //! `-c FILE`, `--log-level`, `--log-format`, `--log-file`, and what running the master means
-//! (load the config, start the log, run, map the outcome to an exit code of DESIGN.md §4: 0 a
-//! clean stop, 1 the master failed while running, 2 usage or config error, 3 startup failed).
-//! Errors are printed once, here.
+//! (load the config, start the log, run, map the outcome to an exit code of [`Exit`]: 0 a clean
+//! stop, 1 the master failed while running, 2 usage or config error, 3 startup failed).
+//! Errors before the log starts are printed here; the master logs its own, once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config;
 use crate::logs::{self, Format, Sink};
-use crate::master::{self, InProcess};
+use crate::master::{self, Exit, InProcess};
 
 /// The options every presup program takes; `#[command(flatten)]` them into a program's own
 /// `clap` parser to add options of its own.
@@ -37,7 +37,7 @@ pub fn load(args: &Args, in_process: bool) -> Result<config::Config, ExitCode> {
         Ok(c) => Ok(c),
         Err(errors) => {
             logs::report(format_args!("presup: {errors}"));
-            Err(ExitCode::from(2))
+            Err(Exit::Usage.into())
         }
     }
 }
@@ -52,11 +52,11 @@ pub fn check(args: &Args) -> ExitCode {
         Ok(text) => {
             // A stdout that cannot be written (`presup check | head -1`) is not an error.
             let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
-            ExitCode::SUCCESS
+            Exit::Clean.into()
         }
         Err(e) => {
             logs::report(format_args!("presup: cannot print the resolved config: {e}"));
-            ExitCode::from(1)
+            Exit::Failed.into()
         }
     }
 }
@@ -74,23 +74,23 @@ pub fn run(args: &Args, in_process: Option<InProcess>) -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 logs::report(format_args!("presup: --log-file {}: {e}", path.display()));
-                return ExitCode::from(2);
+                return Exit::Usage.into();
             }
         },
     };
     if let Err(e) = logs::init(&args.log_level, args.log_format, sink.clone()) {
         logs::report(format_args!("presup: {e}"));
-        return ExitCode::from(2);
+        return Exit::Usage.into();
     }
     let options = master::Options { config_path: config.path.clone(), log_sink: sink, in_process };
     match master::run(config, options) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Clean.into(),
         Err(e) => {
-            tracing::error!("{e}");
+            // The master logged it; with the log in a file, the terminal hears it too.
             if args.log_file.is_some() {
                 logs::report(format_args!("presup: {e}"));
             }
-            ExitCode::from(e.exit_code())
+            e.exit().into()
         }
     }
 }

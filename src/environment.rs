@@ -100,7 +100,7 @@ mod tests {
         cfg.insert("PRESUP_PRIMARY".to_owned(), "1".to_owned());
         cfg.insert("PRESUP_MASTER_PID".to_owned(), "1".to_owned());
         env.extend(&cfg);
-        // The master's own variables (as Children lays them), over the config's env.
+        // The master's own variables (as the master's Inheritance lays them), over the config's env.
         let mut own = Environment::default();
         own.set("PRESUP_MASTER_PID", 77);
         env.overlay(&own);

@@ -19,7 +19,8 @@
 //! systemd (notifications, socket activation); [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`];
 //! [`watcher`] kills what a master killed with `kill -9` leaves behind; [`worker`] is what a
-//! preloaded program hands the master and what its forked workers are given; [`cli`] runs the
+//! preloaded program hands the master and what its forked workers are given; [`exit`] is the
+//! table of exit codes; [`cli`] runs the
 //! master from the command line, and [`prefork`] is presup as a library on top of it.
 //!
 //! Layers, each importing only from those before it: [`config`], [`directory`], [`systemd`],
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod environment;
+pub mod exit;
 pub mod listener;
 pub mod lockfile;
 pub mod logs;

@@ -216,8 +216,9 @@ impl<'a> MakeWriter<'a> for Sink {
 
 /// Installs the global subscriber. `level` is a `tracing` filter (`info`, `debug`,
 /// `presup=debug`...).
-pub fn init(level: &str, format: Format, sink: Sink) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level}: {e}"))?;
+pub fn init(level: &str, format: Format, sink: Sink) -> Result<(), InitError> {
+    let filter = EnvFilter::try_new(level)
+        .map_err(|source| InitError::Level { level: level.to_owned(), source })?;
     sink.lock().format = format;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -229,7 +230,20 @@ pub fn init(level: &str, format: Format, sink: Sink) -> Result<(), String> {
         Format::Text => builder.try_init(),
         Format::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| e.to_string())
+    result.map_err(InitError::Subscriber)
+}
+
+/// Why the log could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("--log-level {level}: {source}")]
+    Level {
+        level: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("{0}")]
+    Subscriber(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Prints `message` to stderr for a user (errors before the log starts, or after it ends);

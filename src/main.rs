@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use presup::cli;
+use presup::exit::Exit;
 
 /// A prefork process supervisor: one master, N workers sharing the listeners.
 #[derive(Debug, Parser)]
@@ -35,7 +36,8 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            let exit = if e.use_stderr() { Exit::Usage } else { Exit::Clean };
+            return exit.into();
         }
     };
     match cli.command {

@@ -84,7 +84,7 @@ pub fn ticket_server_if_asked() -> Option<ExitCode> {
         Ok(s) => s.server.run(&s.args.log_level, s.args.log_format),
         Err(e) => {
             let _ = e.print();
-            ExitCode::from(2)
+            crate::exit::Exit::Usage.into()
         }
     })
 }
@@ -146,7 +146,9 @@ where
         Ok(both) => both,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            let exit =
+                if e.use_stderr() { crate::exit::Exit::Usage } else { crate::exit::Exit::Clean };
+            return exit.into();
         }
     };
     run(&args, move || preload(&own), worker)

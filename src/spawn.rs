@@ -103,26 +103,56 @@ pub struct Credentials {
     pub groups: Vec<u32>,
 }
 
+/// Why `user` or `group` could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot look up {kind} {name:?}: {source}")]
+    Lookup {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("no such {kind} {name:?}")]
+    NoSuch { kind: &'static str, name: String },
+    #[error("user name {0:?} holds NUL")]
+    Nul(String),
+    #[error("cannot list the groups of {name:?}: {source}")]
+    Groups {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
 impl Credentials {
     /// Looks up `user` and `group` (either may be absent); `None` when both are.
-    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
+    pub fn resolve(
+        user: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Option<Credentials>, CredentialsError> {
         use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
         if user.is_none() && group.is_none() {
             return Ok(None);
         }
+        fn lookup(kind: &'static str, name: &str) -> impl FnOnce(nix::Error) -> CredentialsError {
+            let name = name.to_owned();
+            move |source| CredentialsError::Lookup { kind, name, source }
+        }
+        let no_such = |kind, name: &str| CredentialsError::NoSuch { kind, name: name.to_owned() };
         let found = match user {
             Some(name) => Some(
                 User::from_name(name)
-                    .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
-                    .ok_or_else(|| format!("no such user {name:?}"))?,
+                    .map_err(lookup("user", name))?
+                    .ok_or_else(|| no_such("user", name))?,
             ),
             None => None,
         };
         let gid = match group {
             Some(name) => {
                 Group::from_name(name)
-                    .map_err(|e| format!("cannot look up group {name:?}: {e}"))?
-                    .ok_or_else(|| format!("no such group {name:?}"))?
+                    .map_err(lookup("group", name))?
+                    .ok_or_else(|| no_such("group", name))?
                     .gid
             }
             None => found.as_ref().map_or(Gid::current(), |u| u.gid),
@@ -130,9 +160,10 @@ impl Credentials {
         let uid = found.as_ref().map_or(Uid::current(), |u| u.uid);
         let groups = match &found {
             Some(u) => {
-                let name = CString::new(u.name.as_bytes()).map_err(|_| "user name holds NUL")?;
+                let name = CString::new(u.name.as_bytes())
+                    .map_err(|_| CredentialsError::Nul(u.name.clone()))?;
                 getgrouplist(&name, gid)
-                    .map_err(|e| format!("cannot list the groups of {:?}: {e}", u.name))?
+                    .map_err(|source| CredentialsError::Groups { name: u.name.clone(), source })?
             }
             None => vec![gid],
         };
@@ -337,14 +368,14 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     // of this module's functions whose contract that is.
     unsafe {
         let fail = |step: Step| -> ! { report_and_exit(plan.report, step) };
-        let common = Common {
+        let after_fork = AfterFork {
             umask: plan.umask,
             credentials: plan.credentials,
             cgroup_procs: plan.cgroup_procs,
             parent: plan.parent,
             dir: plan.dir,
         };
-        if let Err(step) = common.apply() {
+        if let Err(step) = after_fork.apply() {
             fail(step);
         }
         if place_fds(plan.fds, plan.scratch).is_err() {
@@ -377,7 +408,7 @@ unsafe fn report_and_exit(report: RawFd, step: Step) -> ! {
 }
 
 /// What every child gets, exec'd or not: see the module's docs.
-struct Common<'a> {
+struct AfterFork<'a> {
     umask: Option<u32>,
     credentials: Option<&'a Credentials>,
     cgroup_procs: Option<RawFd>,
@@ -385,7 +416,7 @@ struct Common<'a> {
     dir: *const libc::c_char,
 }
 
-impl Common<'_> {
+impl AfterFork<'_> {
     /// Only async-signal-safe calls.
     ///
     /// # Safety
@@ -449,7 +480,7 @@ pub fn fork_call(
     let dir_c = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| SpawnError::Nul { program: dir.display().to_string() })?;
     let (err_read, err_write) = cloexec_pipe().map_err(SpawnError::Fork)?;
-    let common = Common {
+    let after_fork = AfterFork {
         umask: setup.umask,
         credentials: setup.credentials.as_ref(),
         cgroup_procs: setup.cgroup_procs,
@@ -460,7 +491,7 @@ pub fn fork_call(
     let pid = fork_blocked(|| {
         // SAFETY: in the freshly forked child of the single-threaded master.
         unsafe {
-            if let Err(step) = common.apply() {
+            if let Err(step) = after_fork.apply() {
                 report_and_exit(report, step);
             }
             for &fd in close.iter().chain([&report_read]) {

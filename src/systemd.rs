@@ -1,6 +1,6 @@
 //! The master as a systemd service: what it tells systemd, and the sockets systemd gives it.
 //!
-//! [`Manager`] speaks `sd_notify` to the `NOTIFY_SOCKET` the master was started with (a path or
+//! [`Notifier`] speaks `sd_notify` to the `NOTIFY_SOCKET` the master was started with (a path or
 //! an abstract `@name`): `READY=1` once every initial child is ready, `STATUS=` with the
 //! counts, `RELOADING=1` with `MONOTONIC_USEC=` on HUP and `READY=1` when the reload is done or
 //! undone, `STOPPING=1`, `WATCHDOG=1` at half of `WATCHDOG_USEC`, and `EXTEND_TIMEOUT_USEC=`
@@ -26,7 +26,7 @@ pub const EXTEND_EVERY: Duration = Duration::from_secs(2);
 pub const EXTEND_BY: Duration = Duration::from_secs(10);
 
 /// The master's side of systemd's notification protocol.
-pub struct Manager {
+pub struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
     /// Half of systemd's `WATCHDOG_USEC`, when it asked for pings.
     watchdog_every: Option<Duration>,
@@ -35,9 +35,9 @@ pub struct Manager {
     last_status: String,
 }
 
-impl Manager {
+impl Notifier {
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` from the master's environment.
-    pub fn from_env(now: Instant) -> Manager {
+    pub fn from_env(now: Instant) -> Notifier {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let target = var("NOTIFY_SOCKET").and_then(|path| match connect(&path) {
             Ok(t) => Some(t),
@@ -53,7 +53,7 @@ impl Manager {
             .filter(|&u| u > 0)
             .map(|u| Duration::from_micros(u) / 2);
         let extend = target.as_ref().map(|_| now + EXTEND_EVERY);
-        Manager {
+        Notifier {
             target,
             watchdog_every,
             next_watchdog: watchdog_every.map(|d| now + d),
@@ -112,7 +112,7 @@ impl Manager {
         }
     }
 
-    /// The nearest instant at which [`Manager::tick`] has something to send.
+    /// The nearest instant at which [`Notifier::tick`] has something to send.
     pub fn next_deadline(&self) -> Option<Instant> {
         [self.next_watchdog, self.next_extend].into_iter().flatten().min()
     }
@@ -255,7 +255,7 @@ mod tests {
         systemd.set_nonblocking(true).unwrap();
         let (socket, addr) = connect(path.to_str().unwrap()).unwrap();
         let now = Instant::now();
-        let mut m = Manager {
+        let mut m = Notifier {
             target: Some((socket, addr)),
             watchdog_every: Some(Duration::from_secs(1)),
             next_watchdog: Some(now + Duration::from_secs(1)),

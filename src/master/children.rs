@@ -1,5 +1,6 @@
 //! Starting the master's three kinds of child (workers, singletons, hooks) with what each is
-//! given (DESIGN.md §6), and looking at the children from outside: readiness probes and the
+//! given (the [`Inheritance`]: the environment, presup's own variables, the privileges to drop
+//! to, the cgroup; plus each kind's own variables, listeners and working directory), and looking at the children from outside: readiness probes and the
 //! list of the master's live children.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,10 +23,10 @@ pub struct At {
     pub generation: u64,
 }
 
-/// What every child shares: the master's environment less systemd's variables, presup's own
+/// What every child inherits from the master: the master's environment less systemd's variables, presup's own
 /// variables (`NOTIFY_SOCKET`, `PRESUP_MASTER_PID`, `PRESUP_TICKET_*`), and the privileges to
 /// drop to.
-pub struct Children {
+pub struct Inheritance {
     pub inherited: Environment,
     pub own: Environment,
     pub credentials: Option<Credentials>,
@@ -33,7 +34,7 @@ pub struct Children {
     pub cgroup_procs: Option<RawFd>,
 }
 
-impl Children {
+impl Inheritance {
     /// A child's environment: the inherited one, then the config's `env`, then presup's own
     /// variables, which the config cannot override.
     fn env(&self, config_env: &std::collections::BTreeMap<String, String>) -> Environment {
@@ -202,6 +203,13 @@ fn scan_ppid(parent: u32) -> Vec<Pid> {
         })
         .map(Pid::from_raw)
         .collect()
+}
+
+/// A fork that failed for want of resources (the process limit, memory, fds): it may succeed
+/// a moment later, so the whole pool backs off instead of each slot counting a boot failure.
+pub fn out_of_resources(e: &crate::spawn::SpawnError) -> bool {
+    let crate::spawn::SpawnError::Fork(io) = e else { return false };
+    matches!(io.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE))
 }
 
 #[cfg(test)]

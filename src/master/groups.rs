@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
+use super::stop::Grace;
+
 /// How long the master waits for a SIGKILLed group to empty before it gives up on it.
 pub const DRAIN_GIVE_UP: Duration = Duration::from_secs(5);
 
@@ -39,8 +41,8 @@ pub enum Owner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Drain {
     owner: Owner,
-    /// SIGKILL to the group at this instant (`None`: it was sent).
-    kill_at: Option<Instant>,
+    /// SIGKILL to the group at the end of the grace its leader had.
+    grace: Grace,
     /// Stop waiting for the group at this instant.
     give_up: Instant,
 }
@@ -65,7 +67,8 @@ impl Groups {
     pub fn outlived(&mut self, pgid: Pid, owner: Owner, grace: Option<Instant>, now: Instant) {
         let kill_at = grace.filter(|&at| at > now);
         let give_up = kill_at.unwrap_or(now) + DRAIN_GIVE_UP;
-        self.draining.insert(pgid, Drain { owner, kill_at, give_up });
+        let grace = kill_at.map_or(Grace::Killed, Grace::Until);
+        self.draining.insert(pgid, Drain { owner, grace, give_up });
     }
 
     /// Whether a SIGKILL to the group is due now (the grace of `outlived` is over or absent).
@@ -79,8 +82,8 @@ impl Groups {
     pub fn hasten(&mut self, kill_at: Instant) -> Vec<Pid> {
         let mut hastened = Vec::new();
         for (&pgid, d) in self.draining.iter_mut() {
-            if d.kill_at.is_some_and(|at| at > kill_at) {
-                d.kill_at = Some(kill_at);
+            if d.grace.kill_at().is_some_and(|at| at > kill_at) {
+                d.grace = Grace::Until(kill_at);
                 d.give_up = kill_at + DRAIN_GIVE_UP;
                 hastened.push(pgid);
             }
@@ -102,7 +105,7 @@ impl Groups {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.draining.values().map(|d| d.kill_at.unwrap_or(d.give_up)).min()
+        self.draining.values().map(|d| d.grace.kill_at().unwrap_or(d.give_up)).min()
     }
 
     /// The kills that are due, and the groups given up on (forgotten here; the master reports
@@ -111,14 +114,14 @@ impl Groups {
         let mut actions = Vec::new();
         self.draining.retain(|&pgid, d| {
             let owner = d.owner;
-            match d.kill_at {
-                Some(at) if at <= now => {
-                    d.kill_at = None;
+            match d.grace {
+                grace if grace.due(now) => {
+                    d.grace = Grace::Killed;
                     d.give_up = now + DRAIN_GIVE_UP;
                     actions.push(Action::Kill { pgid, owner });
                     true
                 }
-                None if d.give_up <= now => {
+                Grace::Killed if d.give_up <= now => {
                     actions.push(Action::GiveUp { pgid, owner });
                     false
                 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
+use super::stop::Grace;
 use crate::config::Hook;
 
 /// The lifecycle points at which hooks run.
@@ -48,16 +49,17 @@ impl Point {
 pub const RETRY_INITIAL: Duration = Duration::from_millis(500);
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Where a run is; each state carries its own data.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum State {
+enum Life {
     /// The current command is to be spawned (now, or at `not_before`).
     Pending {
         not_before: Instant,
     },
+    /// The current command runs; SIGKILL to its group when its `timeout` (the grace) is over.
     Running {
         pid: Pid,
-        deadline: Instant,
-        killed: bool,
+        grace: Grace,
     },
     Done,
 }
@@ -73,7 +75,7 @@ pub enum Action {
 
 /// How a hook command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Ended {
     pub ok: bool,
     /// "exited with code 3", "killed at its 60s timeout", "cannot execute ..."
     pub status: String,
@@ -88,9 +90,9 @@ pub struct HookRun {
     pub env: Vec<(String, String)>,
     index: usize,
     attempt: u32,
-    state: State,
+    life: Life,
     /// The first command that failed for good, with its last outcome.
-    failure: Option<(usize, Outcome)>,
+    failure: Option<(usize, Ended)>,
     /// Whether the master asked the run to stop (a stop during `on_starting`).
     abandoned: bool,
 }
@@ -102,41 +104,41 @@ impl HookRun {
         env: Vec<(String, String)>,
         now: Instant,
     ) -> HookRun {
-        let state = if hooks.is_empty() { State::Done } else { State::Pending { not_before: now } };
-        HookRun { point, hooks, env, index: 0, attempt: 0, state, failure: None, abandoned: false }
+        let life = if hooks.is_empty() { Life::Done } else { Life::Pending { not_before: now } };
+        HookRun { point, hooks, env, index: 0, attempt: 0, life, failure: None, abandoned: false }
     }
 
     pub fn is_done(&self) -> bool {
-        self.state == State::Done
+        self.life == Life::Done
     }
 
     /// The failed command and how it ended, once a command failed after all its retries.
-    pub fn failure(&self) -> Option<&(usize, Outcome)> {
+    pub fn failure(&self) -> Option<&(usize, Ended)> {
         self.failure.as_ref()
     }
 
     pub fn pid(&self) -> Option<Pid> {
-        match self.state {
-            State::Running { pid, .. } => Some(pid),
+        match self.life {
+            Life::Running { pid, .. } => Some(pid),
             _ => None,
         }
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        match self.state {
-            State::Pending { not_before } => Some(not_before),
-            State::Running { deadline, killed: false, .. } => Some(deadline),
+        match self.life {
+            Life::Pending { not_before } => Some(not_before),
+            Life::Running { grace, .. } => grace.kill_at(),
             _ => None,
         }
     }
 
     pub fn step(&mut self, now: Instant) -> Vec<Action> {
-        match &mut self.state {
-            State::Pending { not_before } if *not_before <= now => {
+        match &mut self.life {
+            Life::Pending { not_before } if *not_before <= now => {
                 vec![Action::Spawn { index: self.index, attempt: self.attempt }]
             }
-            State::Running { pid, deadline, killed } if !*killed && *deadline <= now => {
-                *killed = true;
+            Life::Running { pid, grace } if grace.due(now) => {
+                *grace = Grace::Killed;
                 vec![Action::Kill { pid: *pid }]
             }
             _ => vec![],
@@ -144,13 +146,13 @@ impl HookRun {
     }
 
     pub fn spawned(&mut self, pid: Pid, now: Instant) {
-        let deadline = now + self.hooks[self.index].timeout;
-        self.state = State::Running { pid, deadline, killed: false };
+        let grace = Grace::Until(now + self.hooks[self.index].timeout);
+        self.life = Life::Running { pid, grace };
     }
 
     /// The current command ended (or could not be spawned). Returns the outcome as logged.
-    pub fn finished(&mut self, outcome: &Outcome, now: Instant) {
-        let killed = matches!(self.state, State::Running { killed: true, .. });
+    pub fn finished(&mut self, outcome: &Ended, now: Instant) {
+        let killed = matches!(self.life, Life::Running { grace: Grace::Killed, .. });
         let hook = &self.hooks[self.index];
         if outcome.ok && !killed {
             self.next_command(now);
@@ -158,7 +160,7 @@ impl HookRun {
             self.attempt += 1;
             let factor = 1u32 << (self.attempt - 1).min(16);
             let delay = RETRY_INITIAL.saturating_mul(factor).min(RETRY_MAX);
-            self.state = State::Pending { not_before: now + delay };
+            self.life = Life::Pending { not_before: now + delay };
         } else {
             let mut outcome = outcome.clone();
             if killed {
@@ -172,7 +174,7 @@ impl HookRun {
             self.failure.get_or_insert((self.index, outcome));
             // on_starting stops at its first failure; other points carry on with the next.
             if self.point == Point::OnStarting || self.abandoned {
-                self.state = State::Done;
+                self.life = Life::Done;
             } else {
                 self.next_command(now);
             }
@@ -182,10 +184,10 @@ impl HookRun {
     fn next_command(&mut self, now: Instant) {
         self.index += 1;
         self.attempt = 0;
-        self.state = if self.index < self.hooks.len() && !self.abandoned {
-            State::Pending { not_before: now }
+        self.life = if self.index < self.hooks.len() && !self.abandoned {
+            Life::Pending { not_before: now }
         } else {
-            State::Done
+            Life::Done
         };
     }
 
@@ -193,13 +195,13 @@ impl HookRun {
     /// pid to kill, if any.
     pub fn abandon(&mut self) -> Option<Pid> {
         self.abandoned = true;
-        match &mut self.state {
-            State::Running { pid, killed, .. } => {
-                *killed = true;
+        match &mut self.life {
+            Life::Running { pid, grace } => {
+                *grace = Grace::Killed;
                 Some(*pid)
             }
             _ => {
-                self.state = State::Done;
+                self.life = Life::Done;
                 None
             }
         }
@@ -220,12 +222,12 @@ mod tests {
         }
     }
 
-    fn ok() -> Outcome {
-        Outcome { ok: true, status: "exited with code 0".into() }
+    fn ok() -> Ended {
+        Ended { ok: true, status: "exited with code 0".into() }
     }
 
-    fn failed() -> Outcome {
-        Outcome { ok: false, status: "exited with code 1".into() }
+    fn failed() -> Ended {
+        Ended { ok: false, status: "exited with code 1".into() }
     }
 
     #[test]
@@ -275,7 +277,7 @@ mod tests {
         let late = t + Duration::from_secs(60);
         assert_eq!(run.step(late), vec![Action::Kill { pid: Pid::from_raw(10) }]);
         assert_eq!(run.step(late), vec![]);
-        run.finished(&Outcome { ok: false, status: "killed by SIGKILL".into() }, late);
+        run.finished(&Ended { ok: false, status: "killed by SIGKILL".into() }, late);
         let (index, outcome) = run.failure().unwrap();
         assert_eq!((*index, outcome.status.as_str()), (0, "killed at its 1m timeout"));
         // Not on_starting: the next command still runs.
@@ -289,7 +291,7 @@ mod tests {
         run.step(t);
         run.spawned(Pid::from_raw(10), t);
         assert_eq!(run.abandon(), Some(Pid::from_raw(10)));
-        run.finished(&Outcome { ok: false, status: "killed by SIGKILL".into() }, t);
+        run.finished(&Ended { ok: false, status: "killed by SIGKILL".into() }, t);
         assert!(run.is_done());
         assert_eq!(run.step(t), vec![]);
         // Said as it is: the stop killed it, not its timeout.

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use super::stop::{ExitStatus, Grace, Plan};
 use crate::backoff::Backoff;
 use crate::config;
 
@@ -61,15 +62,16 @@ impl Policy {
     }
 }
 
-/// The grace a fast stop gives before SIGKILL.
-pub const FAST_STOP_GRACE: Duration = Duration::from_secs(1);
-
 /// The grace between a watchdog's SIGABRT and SIGKILL.
 pub const WATCHDOG_GRACE: Duration = Duration::from_secs(2);
 
+/// How a silent worker is stopped: SIGABRT (a core dump, a stack trace), SIGKILL after
+/// [`WATCHDOG_GRACE`].
+const WATCHDOG_PLAN: Plan = Plan { signal: Signal::SIGABRT, grace: WATCHDOG_GRACE };
+
 /// Why the master stops a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopWhy {
+pub enum StopCause {
     /// Replaced by a worker of a newer generation.
     Retired,
     /// Its slot is above the wanted count (TTOU, or a reload with fewer workers).
@@ -90,9 +92,10 @@ pub enum Life {
     /// Spawned, not up yet: up at `deadline` (spawn mode) or killed then (notify mode).
     Starting { deadline: Instant },
     /// Up; with `watchdog`, it must send `WATCHDOG=1` before `watchdog_at`.
-    Up { since: Instant, watchdog_at: Option<Instant> },
-    /// Sent its stop signal; SIGKILL to its group at `kill_at` unless `killed` already.
-    Stopping { why: StopWhy, kill_at: Instant, killed: bool, was_up: bool },
+    Up { watchdog_at: Option<Instant> },
+    /// Sent its stop signal (or none: it retires by itself); SIGKILL to its group when its
+    /// grace is over.
+    Stopping { why: StopCause, grace: Grace },
     /// Reaped, but its process group still has members (being killed): the slot waits for
     /// [`Pool::group_gone`]. Keyed by the old pid, which is the group's id.
     Draining,
@@ -116,32 +119,13 @@ impl Worker {
     }
 }
 
-/// How a child ended, as the reaper saw it (or as the spawn failed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitStatus {
-    Code(i32),
-    Signal(Signal),
-    /// It never ran: fork or exec failed.
-    NotStarted(String),
-}
-
-impl std::fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
-            ExitStatus::Signal(s) => write!(f, "killed by {}", s.as_str()),
-            ExitStatus::NotStarted(why) => write!(f, "could not start: {why}"),
-        }
-    }
-}
-
 /// What the master must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Fork and exec a worker of `generation` in `slot`, then call `spawned` or `spawn_failed`.
     Spawn { slot: usize, generation: u64 },
     /// Send `signal` to the worker's process group.
-    Signal { pid: Pid, slot: usize, signal: Signal, why: StopWhy },
+    Signal { pid: Pid, slot: usize, signal: Signal, why: StopCause },
     /// Every slot of the initial generation has an up worker: the boot is over.
     Booted,
     /// A slot failed to boot `attempts` times in a row during the boot; the master gives up.
@@ -155,7 +139,7 @@ pub enum Action {
 
 /// Why a worker ended, for the log and the `worker_exit` hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
+pub struct Ended {
     pub pid: Pid,
     pub slot: usize,
     pub generation: u64,
@@ -178,11 +162,11 @@ pub enum Cause {
     /// It died on its own after coming up.
     Crash,
     /// The master stopped it; `killed` says whether it took the SIGKILL at the deadline.
-    Stopped { why: StopWhy, killed: bool },
+    Stopped { why: StopCause, killed: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum Stage {
     Booting,
     Running,
     Stopping { fast: bool },
@@ -215,7 +199,7 @@ pub struct Pool {
     /// During a reload: the last settled generation, to roll back to.
     rollout: Option<Settled>,
     policy: Policy,
-    phase: Phase,
+    stage: Stage,
     workers: BTreeMap<Pid, Worker>,
     slots: Vec<Slot>,
     /// Actions decided by an event, handed out by the next `step`.
@@ -233,7 +217,7 @@ impl Pool {
             last_generation: 1,
             rollout: None,
             policy,
-            phase: Phase::Booting,
+            stage: Stage::Booting,
             workers: BTreeMap::new(),
             slots: Vec::new(),
             pending: Vec::new(),
@@ -248,8 +232,8 @@ impl Pool {
     pub fn generation(&self) -> u64 {
         self.generation
     }
-    pub fn phase(&self) -> Phase {
-        self.phase
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
     pub fn workers(&self) -> impl Iterator<Item = (Pid, &Worker)> {
         self.workers.iter().map(|(p, w)| (*p, w))
@@ -260,7 +244,7 @@ impl Pool {
     }
     /// The master may exit: it is stopping and no worker is left.
     pub fn is_done(&self) -> bool {
-        matches!(self.phase, Phase::Stopping { .. }) && self.workers.is_empty()
+        matches!(self.stage, Stage::Stopping { .. }) && self.workers.is_empty()
     }
 
     /// Changes the wanted number of workers (TTIN/TTOU); never below 1 nor above
@@ -318,36 +302,29 @@ impl Pool {
         if !w.live() {
             return false;
         }
-        let was_up = w.up();
-        w.life =
-            Life::Stopping { why: StopWhy::Retiring, kill_at: now + grace, killed: false, was_up };
+        w.life = Life::Stopping { why: StopCause::Retiring, grace: Grace::Until(now + grace) };
         true
     }
 
-    /// Stops every worker: gracefully (stop signal, SIGKILL at `graceful_timeout`) or fast
-    /// (SIGQUIT, SIGKILL after [`FAST_STOP_GRACE`]). A fast stop during a graceful one speeds
-    /// up the workers already stopping.
+    /// Stops every worker: gracefully or fast, by the rule of [`Plan::new`] with
+    /// `graceful_timeout`. A fast stop during a graceful one hurries the workers already
+    /// stopping ([`Grace::hasten`]).
     pub fn stop(&mut self, fast: bool, now: Instant) {
-        match self.phase {
-            Phase::Stopping { fast: true } => return,
-            Phase::Stopping { fast: false } if !fast => return,
+        match self.stage {
+            Stage::Stopping { fast: true } => return,
+            Stage::Stopping { fast: false } if !fast => return,
             _ => {}
         }
-        self.phase = Phase::Stopping { fast };
+        self.stage = Stage::Stopping { fast };
         if !fast {
             return;
         }
-        let kill_at = now + FAST_STOP_GRACE.min(self.policy.graceful_timeout);
+        let plan = Plan::fast(self.policy.graceful_timeout);
         for (&pid, w) in self.workers.iter_mut() {
-            if let Life::Stopping { kill_at: at, killed: false, why, .. } = &mut w.life {
-                if *at > kill_at {
-                    *at = kill_at;
-                    self.pending.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGQUIT,
-                        why: *why,
-                    });
+            if let Life::Stopping { grace, why } = &mut w.life {
+                if grace.hasten(plan, now) {
+                    let (slot, signal, why) = (w.slot, plan.signal, *why);
+                    self.pending.push(Action::Signal { pid, slot, signal, why });
                 }
             }
         }
@@ -400,14 +377,14 @@ impl Pool {
         if !matches!(w.life, Life::Starting { .. }) {
             return false;
         }
-        w.life = Life::Up { since: now, watchdog_at: self.policy.watchdog.map(|d| now + d) };
+        w.life = Life::Up { watchdog_at: self.policy.watchdog.map(|d| now + d) };
         let slot = w.slot;
         self.slot(slot).boot_failures = 0;
         true
     }
 
     /// A child was reaped. `None` if it was not one of the workers.
-    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Ended> {
         if self.workers.get(&pid)?.life == Life::Draining {
             return None;
         }
@@ -415,19 +392,19 @@ impl Pool {
         // A worker that retired by itself (STOPPING=1) had no signal sent to its group: what
         // it leaves behind was not asked to finish, so it goes at once, as after a crash.
         let group_grace = match w.life {
-            Life::Stopping { why: StopWhy::Retiring, .. } => None,
-            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Life::Stopping { why: StopCause::Retiring, .. } => None,
+            Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         };
         let cause = match w.life {
-            Life::Starting { .. } | Life::Stopping { why: StopWhy::BootTimeout, .. } => {
+            Life::Starting { .. } | Life::Stopping { why: StopCause::BootTimeout, .. } => {
                 Cause::BootFailure
             }
             Life::Up { .. } => Cause::Crash,
-            Life::Stopping { why, killed, .. } => Cause::Stopped { why, killed },
+            Life::Stopping { why, grace } => Cause::Stopped { why, killed: grace.killed() },
             Life::Draining => unreachable!("a draining worker was reaped before"),
         };
-        let watchdog = matches!(cause, Cause::Stopped { why: StopWhy::Watchdog, .. });
+        let watchdog = matches!(cause, Cause::Stopped { why: StopCause::Watchdog, .. });
         if watchdog || !matches!(cause, Cause::Stopped { .. }) {
             let boot = cause == Cause::BootFailure;
             self.record_failure(w.slot, status.clone(), w.started, now, boot);
@@ -440,7 +417,7 @@ impl Pool {
             let at = self.slots.get(w.slot).and_then(|s| s.not_before).unwrap_or(now);
             at.saturating_duration_since(now)
         });
-        Some(Exit {
+        Some(Ended {
             pid,
             slot: w.slot,
             generation: w.generation,
@@ -454,7 +431,7 @@ impl Pool {
 
     /// The process group of the worker of `exit` outlives it: its slot gets no new worker
     /// until [`Pool::group_gone`] (and the pool is not done while it drains).
-    pub fn group_outlives(&mut self, exit: &Exit, now: Instant) {
+    pub fn group_outlives(&mut self, exit: &Ended, now: Instant) {
         let worker = Worker {
             slot: exit.slot,
             generation: exit.generation,
@@ -511,7 +488,7 @@ impl Pool {
 
     /// The slot is wanted and has no live worker of the current generation.
     fn needs_spawn(&self, slot: usize) -> bool {
-        !matches!(self.phase, Phase::Stopping { .. })
+        !matches!(self.stage, Stage::Stopping { .. })
             && slot < self.target
             && !self.in_slot(slot).any(|w| w.live() && w.generation == self.generation)
     }
@@ -525,7 +502,7 @@ impl Pool {
         let workers = self.workers.values().filter_map(|w| match w.life {
             Life::Starting { deadline } => Some(deadline),
             Life::Up { watchdog_at, .. } => watchdog_at,
-            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         });
         // A blocked slot waits for an event (a reaping), not for its backoff instant; a pause
@@ -543,11 +520,11 @@ impl Pool {
         self.expire(now, &mut actions);
         if let Some(failed) = self.boot_failure() {
             actions.push(failed);
-            self.phase = Phase::Stopping { fast: false };
+            self.stage = Stage::Stopping { fast: false };
         }
-        match self.phase {
-            Phase::Stopping { fast } => self.stop_all(fast, now, &mut actions),
-            Phase::Booting | Phase::Running => {
+        match self.stage {
+            Stage::Stopping { fast } => self.stop_all(fast, now, &mut actions),
+            Stage::Booting | Stage::Running => {
                 self.stop_surplus(now, &mut actions);
                 self.retire_replaced(now, &mut actions);
                 self.spawn_missing(now, &mut actions);
@@ -564,50 +541,28 @@ impl Pool {
         let watchdog = self.policy.watchdog;
         let mut came_up = Vec::new();
         for (&pid, w) in self.workers.iter_mut() {
-            match w.life {
-                Life::Starting { deadline } if deadline <= now && !notify => {
-                    w.life =
-                        Life::Up { since: deadline, watchdog_at: watchdog.map(|d| deadline + d) };
-                    came_up.push(w.slot);
+            let slot = w.slot;
+            match &mut w.life {
+                Life::Starting { deadline } if *deadline <= now && !notify => {
+                    let at = *deadline;
+                    w.life = Life::Up { watchdog_at: watchdog.map(|d| at + d) };
+                    came_up.push(slot);
                 }
-                Life::Up { watchdog_at: Some(at), .. } if at <= now => {
-                    let kill_at = now + WATCHDOG_GRACE;
-                    w.life = Life::Stopping {
-                        why: StopWhy::Watchdog,
-                        kill_at,
-                        killed: false,
-                        was_up: true,
-                    };
-                    let why = StopWhy::Watchdog;
-                    actions.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGABRT,
-                        why,
-                    });
+                Life::Up { watchdog_at: Some(at) } if *at <= now => {
+                    let (why, plan) = (StopCause::Watchdog, WATCHDOG_PLAN);
+                    w.life = Life::Stopping { why, grace: plan.begin(now) };
+                    actions.push(Action::Signal { pid, slot, signal: plan.signal, why });
                 }
-                Life::Starting { deadline } if deadline <= now => {
-                    w.life = Life::Stopping {
-                        why: StopWhy::BootTimeout,
-                        kill_at: now,
-                        killed: true,
-                        was_up: false,
-                    };
-                    actions.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGKILL,
-                        why: StopWhy::BootTimeout,
-                    });
+                // Not up in time: a boot failure, killed at once.
+                Life::Starting { deadline } if *deadline <= now => {
+                    let why = StopCause::BootTimeout;
+                    w.life = Life::Stopping { why, grace: Grace::Killed };
+                    actions.push(Action::Signal { pid, slot, signal: Signal::SIGKILL, why });
                 }
-                Life::Stopping { kill_at, killed: false, why, was_up } if kill_at <= now => {
-                    w.life = Life::Stopping { why, kill_at, killed: true, was_up };
-                    actions.push(Action::Signal {
-                        pid,
-                        slot: w.slot,
-                        signal: Signal::SIGKILL,
-                        why,
-                    });
+                Life::Stopping { why, grace } if grace.due(now) => {
+                    *grace = Grace::Killed;
+                    let why = *why;
+                    actions.push(Action::Signal { pid, slot, signal: Signal::SIGKILL, why });
                 }
                 _ => {}
             }
@@ -617,40 +572,35 @@ impl Pool {
         }
     }
 
-    fn begin_stop(
-        &mut self,
-        pid: Pid,
-        why: StopWhy,
-        signal: Option<Signal>,
-        grace: Duration,
-        now: Instant,
-    ) -> Option<Action> {
+    /// Sends a live worker the signal of `plan`; SIGKILL at the end of its grace.
+    fn begin_stop(&mut self, pid: Pid, why: StopCause, plan: Plan, now: Instant) -> Option<Action> {
         let w = self.workers.get_mut(&pid)?;
         if !w.live() {
             return None;
         }
-        let was_up = w.up();
-        w.life = Life::Stopping { why, kill_at: now + grace, killed: false, was_up };
-        let signal = signal.unwrap_or(w.stop_signal);
-        Some(Action::Signal { pid, slot: w.slot, signal, why })
+        w.life = Life::Stopping { why, grace: plan.begin(now) };
+        Some(Action::Signal { pid, slot: w.slot, signal: plan.signal, why })
+    }
+
+    /// The graceful plan of the worker `pid`: its own stop signal, the current
+    /// `graceful_timeout`.
+    fn graceful(&self, pid: Pid) -> Plan {
+        let signal = self.workers.get(&pid).map_or(self.policy.stop_signal, |w| w.stop_signal);
+        Plan::new(false, signal, self.policy.graceful_timeout)
     }
 
     fn stop_all(&mut self, fast: bool, now: Instant, actions: &mut Vec<Action>) {
-        let (signal, grace) = if fast {
-            (Some(Signal::SIGQUIT), FAST_STOP_GRACE.min(self.policy.graceful_timeout))
-        } else {
-            (None, self.policy.graceful_timeout)
-        };
         let live: Vec<Pid> =
             self.workers.iter().filter(|(_, w)| w.live()).map(|(p, _)| *p).collect();
         for pid in live {
-            actions.extend(self.begin_stop(pid, StopWhy::Shutdown, signal, grace, now));
+            let plan =
+                if fast { Plan::fast(self.policy.graceful_timeout) } else { self.graceful(pid) };
+            actions.extend(self.begin_stop(pid, StopCause::Shutdown, plan, now));
         }
     }
 
     /// Live workers in slots at or above the target, highest slot first.
     fn stop_surplus(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let grace = self.policy.graceful_timeout;
         let mut surplus: Vec<(usize, Pid)> = self
             .workers
             .iter()
@@ -659,13 +609,12 @@ impl Pool {
             .collect();
         surplus.sort_by(|a, b| b.cmp(a));
         for (_, pid) in surplus {
-            actions.extend(self.begin_stop(pid, StopWhy::Surplus, None, grace, now));
+            actions.extend(self.begin_stop(pid, StopCause::Surplus, self.graceful(pid), now));
         }
     }
 
     /// Old-generation workers whose slot has an up worker of the current generation.
     fn retire_replaced(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let grace = self.policy.graceful_timeout;
         let old: Vec<Pid> = self
             .workers
             .iter()
@@ -676,7 +625,7 @@ impl Pool {
             .map(|(p, _)| *p)
             .collect();
         for pid in old {
-            actions.extend(self.begin_stop(pid, StopWhy::Retired, None, grace, now));
+            actions.extend(self.begin_stop(pid, StopCause::Retired, self.graceful(pid), now));
         }
     }
 
@@ -734,9 +683,8 @@ impl Pool {
                 && self.in_slot(s).any(|w| w.generation == self.generation && w.up())
         });
         if others_done {
-            let grace = self.policy.graceful_timeout;
             for pid in old {
-                actions.extend(self.begin_stop(pid, StopWhy::Retired, None, grace, now));
+                actions.extend(self.begin_stop(pid, StopCause::Retired, self.graceful(pid), now));
             }
         }
         false
@@ -744,7 +692,7 @@ impl Pool {
 
     /// During the boot, a slot that failed to come up `boot_attempts` times in a row.
     fn boot_failure(&self) -> Option<Action> {
-        if self.phase != Phase::Booting {
+        if self.stage != Stage::Booting {
             return None;
         }
         let attempts = self.policy.boot_attempts;
@@ -777,8 +725,8 @@ impl Pool {
     fn check_booted(&mut self, actions: &mut Vec<Action>) {
         let all_up = (0..self.target)
             .all(|s| self.in_slot(s).any(|w| w.generation == self.generation && w.up()));
-        if self.phase == Phase::Booting && all_up {
-            self.phase = Phase::Running;
+        if self.stage == Stage::Booting && all_up {
+            self.stage = Stage::Running;
             actions.push(Action::Booted);
         }
     }

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use super::stop::{ExitStatus, Grace, Plan};
 use crate::backoff::Backoff;
 use crate::config::{self, Ready, Restart};
-use crate::master::pool::{ExitStatus, FAST_STOP_GRACE};
 
 /// A singleton's state; each state carries its own data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Life {
-    /// No process; to be spawned at `not_before` (when the phase allows).
+    /// No process; to be spawned at `not_before` (when the stage allows).
     Waiting {
         not_before: Instant,
     },
@@ -27,18 +27,17 @@ pub enum Life {
     /// `probe_at` the next connection attempt for socket readiness.
     Starting {
         pid: Pid,
-        since: Instant,
         deadline: Instant,
         probe: Option<Probe>,
     },
     Up {
         pid: Pid,
-        since: Instant,
     },
+    /// Sent its stop signal; SIGKILL to its group when the grace is over. `boot_timeout`: it
+    /// was killed for not being ready in time (a boot failure, not a stop).
     Stopping {
         pid: Pid,
-        kill_at: Instant,
-        killed: bool,
+        grace: Grace,
         boot_timeout: bool,
     },
     /// No process and none wanted (its policy said so, or the master is stopping).
@@ -85,7 +84,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum Stage {
     Booting,
     Running,
     Stopping,
@@ -148,7 +147,7 @@ impl Entry {
 
 /// What the log says of a singleton's exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
+pub struct Ended {
     pub index: usize,
     pub status: ExitStatus,
     pub stopped: bool,
@@ -161,7 +160,7 @@ pub struct Exit {
 #[derive(Debug, Clone)]
 pub struct Singletons {
     entries: Vec<Entry>,
-    phase: Phase,
+    stage: Stage,
     /// A fast stop was asked for.
     fast: bool,
     pending: Vec<Action>,
@@ -170,14 +169,14 @@ pub struct Singletons {
 impl Singletons {
     pub fn new(specs: &[config::Singleton], now: Instant) -> Singletons {
         let entries = specs.iter().map(|spec| Entry::new(spec.clone(), now)).collect();
-        Singletons { entries, phase: Phase::Booting, fast: false, pending: Vec::new() }
+        Singletons { entries, stage: Stage::Booting, fast: false, pending: Vec::new() }
     }
 
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
-    pub fn phase(&self) -> Phase {
-        self.phase
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
     pub fn index_of(&self, pid: Pid) -> Option<usize> {
         self.entries.iter().position(|e| e.pid() == Some(pid))
@@ -191,7 +190,7 @@ impl Singletons {
     }
     /// Stopping, and no singleton process is left (nor any of their process groups).
     pub fn is_done(&self) -> bool {
-        self.phase == Phase::Stopping && self.entries.iter().all(|e| !e.has_processes())
+        self.stage == Stage::Stopping && self.entries.iter().all(|e| !e.has_processes())
     }
 
     /// The group of singleton `index`'s last process (`pgid`, reaped) outlives it.
@@ -206,30 +205,36 @@ impl Singletons {
         Some(index)
     }
 
-    /// Stops them all, last first: with their `stop_signal` and `stop_timeout`, or, for a fast
-    /// stop, SIGQUIT and SIGKILL after [`FAST_STOP_GRACE`] (which also hurries one already
-    /// stopping).
+    /// Stops them all, last first, by the rule of [`Plan::new`] with each one's
+    /// `stop_signal` and `stop_timeout`. A fast stop also hurries one already stopping
+    /// ([`Grace::hasten`]).
     pub fn stop(&mut self, fast: bool, now: Instant) {
-        self.phase = Phase::Stopping;
+        self.stage = Stage::Stopping;
         self.fast |= fast;
         if !fast {
             return;
         }
         for (index, e) in self.entries.iter_mut().enumerate() {
-            if let Life::Stopping { pid, kill_at, killed: false, .. } = &mut e.life {
-                if *kill_at > now + FAST_STOP_GRACE {
-                    *kill_at = now + FAST_STOP_GRACE;
-                    self.pending.push(Action::Signal { index, pid: *pid, signal: Signal::SIGQUIT });
+            let plan = Plan::fast(e.spec.stop_timeout);
+            if let Life::Stopping { pid, grace, .. } = &mut e.life {
+                if grace.hasten(plan, now) {
+                    self.pending.push(Action::Signal { index, pid: *pid, signal: plan.signal });
                 }
             }
         }
+    }
+
+    /// How singleton `index` is stopped now.
+    fn plan(&self, index: usize) -> Plan {
+        let spec = &self.entries[index].spec;
+        Plan::new(self.fast, spec.stop_signal.0, spec.stop_timeout)
     }
 
     /// A reload: singletons whose definition changed are stopped and started again with the
     /// new one, new ones start, removed ones stop; the others are left alone. The order of the
     /// first config is kept (a new singleton comes after the existing ones).
     pub fn reconfigure(&mut self, specs: &[config::Singleton], now: Instant) {
-        if self.phase == Phase::Stopping {
+        if self.stage == Stage::Stopping {
             return;
         }
         for spec in specs {
@@ -272,17 +277,13 @@ impl Singletons {
         }
     }
 
-    /// Sends one singleton its stop signal, SIGKILL at its `stop_timeout`.
+    /// Sends one singleton its stop signal, SIGKILL at the end of its grace.
     fn stop_one(&mut self, index: usize, now: Instant) {
+        let plan = self.plan(index);
         let e = &mut self.entries[index];
         if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
-            e.life = Life::Stopping {
-                pid,
-                kill_at: now + e.spec.stop_timeout,
-                killed: false,
-                boot_timeout: false,
-            };
-            self.pending.push(Action::Signal { index, pid, signal: e.spec.stop_signal.0 });
+            e.life = Life::Stopping { pid, grace: plan.begin(now), boot_timeout: false };
+            self.pending.push(Action::Signal { index, pid, signal: plan.signal });
         }
     }
 
@@ -292,7 +293,7 @@ impl Singletons {
             .then_some(Probe { at: Some(now + PROBE_FIRST), every: PROBE_FIRST });
         let wait =
             if e.spec.ready == Ready::Spawn { e.spec.min_uptime } else { e.spec.boot_timeout };
-        e.life = Life::Starting { pid, since: now, deadline: now + wait, probe };
+        e.life = Life::Starting { pid, deadline: now + wait, probe };
         e.started = Some(now);
     }
 
@@ -302,9 +303,9 @@ impl Singletons {
     }
 
     /// `READY=1` from `pid`; true if that made a singleton up.
-    pub fn notified_ready(&mut self, pid: Pid, now: Instant) -> bool {
+    pub fn notified_ready(&mut self, pid: Pid) -> bool {
         match self.index_of(pid) {
-            Some(i) if self.entries[i].spec.ready == Ready::Notify => self.came_up(i, now),
+            Some(i) if self.entries[i].spec.ready == Ready::Notify => self.came_up(i),
             _ => false,
         }
     }
@@ -312,25 +313,25 @@ impl Singletons {
     /// The result of a `Probe`.
     pub fn probed(&mut self, index: usize, ok: bool, now: Instant) {
         if ok {
-            self.came_up(index, now);
+            self.came_up(index);
         } else if let Life::Starting { probe: Some(p), .. } = &mut self.entries[index].life {
             p.every = (p.every * 2).min(PROBE_MAX);
             p.at = Some(now + p.every);
         }
     }
 
-    fn came_up(&mut self, index: usize, now: Instant) -> bool {
+    fn came_up(&mut self, index: usize) -> bool {
         let Life::Starting { pid, .. } = self.entries[index].life else { return false };
-        self.entries[index].life = Life::Up { pid, since: now };
+        self.entries[index].life = Life::Up { pid };
         self.pending.push(Action::Up { index, pid });
         true
     }
 
     /// A child was reaped; `None` if it was not a singleton.
-    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Exit> {
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant) -> Option<Ended> {
         let index = self.index_of(pid)?;
         let group_grace = match self.entries[index].life {
-            Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Life::Stopping { grace, .. } => grace.kill_at(),
             _ => None,
         };
         let (stopped, boot) = match self.entries[index].life {
@@ -342,7 +343,7 @@ impl Singletons {
             let e = &mut self.entries[index];
             e.life = Life::Finished;
             // Replaced by a reload: the new definition starts now, unless the master stops.
-            if let Some(spec) = e.next.take().filter(|_| self.phase != Phase::Stopping) {
+            if let Some(spec) = e.next.take().filter(|_| self.stage != Stage::Stopping) {
                 *e = Entry::new(spec, now);
             }
         } else {
@@ -352,12 +353,12 @@ impl Singletons {
             Life::Waiting { not_before } => Some(not_before.saturating_duration_since(now)),
             _ => None,
         };
-        Some(Exit { index, status, stopped, restart_in, group_grace })
+        Some(Ended { index, status, stopped, restart_in, group_grace })
     }
 
     fn died(&mut self, index: usize, status: ExitStatus, boot: bool, now: Instant) {
         let e = &mut self.entries[index];
-        if self.phase == Phase::Booting && boot {
+        if self.stage == Stage::Booting && boot {
             let why = match (&e.life, &status) {
                 (Life::Stopping { boot_timeout: true, .. }, _) => format!(
                     "not ready within its boot_timeout ({})",
@@ -375,7 +376,7 @@ impl Singletons {
             Restart::OnFailure => failed,
             Restart::Never => false,
         };
-        e.life = if restart && self.phase != Phase::Stopping {
+        e.life = if restart && self.stage != Stage::Stopping {
             let started = e.started.unwrap_or(now);
             Life::Waiting {
                 not_before: e.backoff.record_death(&e.spec.restart_backoff, started, now),
@@ -388,10 +389,10 @@ impl Singletons {
     pub fn next_deadline(&self) -> Option<Instant> {
         // At boot only the first singleton not up may be spawned.
         let booting = self.booting();
-        let may_spawn = |i: usize| match self.phase {
-            Phase::Booting => Some(i) == booting,
-            Phase::Running => true,
-            Phase::Stopping => false,
+        let may_spawn = |i: usize| match self.stage {
+            Stage::Booting => Some(i) == booting,
+            Stage::Running => true,
+            Stage::Stopping => false,
         };
         self.entries
             .iter()
@@ -404,7 +405,7 @@ impl Singletons {
                 Life::Starting { deadline, probe, .. } => {
                     Some(probe.and_then(|p| p.at).map_or(deadline, |at| at.min(deadline)))
                 }
-                Life::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+                Life::Stopping { grace, .. } => grace.kill_at(),
                 _ => None,
             })
             .min()
@@ -416,16 +417,16 @@ impl Singletons {
             self.expire(index, now, &mut actions);
         }
         actions.append(&mut self.pending);
-        match self.phase {
-            Phase::Booting => self.boot(now, &mut actions),
-            Phase::Running => {
+        match self.stage {
+            Stage::Booting => self.boot(now, &mut actions),
+            Stage::Running => {
                 for (index, e) in self.entries.iter().enumerate() {
                     if e.due(now) {
                         actions.push(Action::Spawn { index });
                     }
                 }
             }
-            Phase::Stopping => self.stop_last(now, &mut actions),
+            Stage::Stopping => self.stop_last(now, &mut actions),
         }
         actions
     }
@@ -434,20 +435,20 @@ impl Singletons {
         let spawn_mode = self.entries[index].spec.ready == Ready::Spawn;
         match &mut self.entries[index].life {
             Life::Starting { deadline, .. } if *deadline <= now && spawn_mode => {
-                self.came_up(index, now);
+                self.came_up(index);
             }
             Life::Starting { pid, deadline, .. } if *deadline <= now => {
                 let pid = *pid;
                 self.entries[index].life =
-                    Life::Stopping { pid, kill_at: now, killed: true, boot_timeout: true };
+                    Life::Stopping { pid, grace: Grace::Killed, boot_timeout: true };
                 actions.push(Action::Signal { index, pid, signal: Signal::SIGKILL });
             }
             Life::Starting { probe: Some(p), .. } if p.at.is_some_and(|at| at <= now) => {
                 p.at = None;
                 actions.push(Action::Probe { index });
             }
-            Life::Stopping { pid, kill_at, killed, .. } if !*killed && *kill_at <= now => {
-                *killed = true;
+            Life::Stopping { pid, grace, .. } if grace.due(now) => {
+                *grace = Grace::Killed;
                 actions.push(Action::Signal { index, pid: *pid, signal: Signal::SIGKILL });
             }
             _ => {}
@@ -463,7 +464,7 @@ impl Singletons {
     fn boot(&mut self, now: Instant, actions: &mut Vec<Action>) {
         match self.booting() {
             None => {
-                self.phase = Phase::Running;
+                self.stage = Stage::Running;
                 actions.push(Action::Booted);
             }
             Some(index) => {
@@ -482,16 +483,11 @@ impl Singletons {
             }
         }
         let Some(index) = self.entries.iter().rposition(Entry::has_processes) else { return };
+        let plan = self.plan(index);
         let e = &mut self.entries[index];
         if let Life::Starting { pid, .. } | Life::Up { pid, .. } = e.life {
-            let (signal, grace) = if self.fast {
-                (Signal::SIGQUIT, FAST_STOP_GRACE.min(e.spec.stop_timeout))
-            } else {
-                (e.spec.stop_signal.0, e.spec.stop_timeout)
-            };
-            e.life =
-                Life::Stopping { pid, kill_at: now + grace, killed: false, boot_timeout: false };
-            actions.push(Action::Signal { index, pid, signal });
+            e.life = Life::Stopping { pid, grace: plan.begin(now), boot_timeout: false };
+            actions.push(Action::Signal { index, pid, signal: plan.signal });
         }
     }
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{server, Ticket};
+use crate::exit::Exit;
 use crate::logs::{self, Format, Sink};
 
 /// `presup ticket`: waits for a turn of ticket NAME.
@@ -30,16 +31,16 @@ impl TicketArgs {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("presup: {e}");
-                return ExitCode::from(2);
+                return Exit::Usage.into();
             }
         };
         match self.timeout {
             None => {
                 ticket.acquire(self.shard);
-                ExitCode::SUCCESS
+                Exit::Clean.into()
             }
             Some(timeout) => match ticket.acquire_timeout(self.shard, timeout) {
-                Ok(_) => ExitCode::SUCCESS,
+                Ok(_) => Exit::Clean.into(),
                 Err(e) => {
                     let (name, shard) = (&self.name, self.shard);
                     let wait = humantime::format_duration(Duration::from_millis(
@@ -47,7 +48,7 @@ impl TicketArgs {
                     ));
                     let timeout = humantime::format_duration(timeout);
                     eprintln!("presup: ticket {name}, shard {shard}: the turn would come in {wait}, after the timeout of {timeout}");
-                    ExitCode::from(1)
+                    Exit::Failed.into()
                 }
             },
         }
@@ -71,13 +72,13 @@ impl ServerArgs {
     pub fn run(&self, log_level: &str, log_format: Format) -> ExitCode {
         if let Err(e) = logs::init(log_level, log_format, Sink::stderr()) {
             eprintln!("presup: {e}");
-            return ExitCode::from(2);
+            return Exit::Usage.into();
         }
         match server::run(&self.name, self.listen, self.request_timeout) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => Exit::Clean.into(),
             Err(e) => {
                 tracing::error!("{e}");
-                ExitCode::from(1)
+                Exit::Failed.into()
             }
         }
     }

@@ -74,7 +74,7 @@ impl Sim {
     }
 }
 
-fn signals(actions: &[Action]) -> Vec<(Pid, Signal, StopWhy)> {
+fn signals(actions: &[Action]) -> Vec<(Pid, Signal, StopCause)> {
     actions
         .iter()
         .filter_map(|a| match *a {
@@ -92,7 +92,7 @@ fn boot_spawns_every_slot_primary_last_and_is_over_at_min_uptime() {
     assert_eq!(sim.pool.next_deadline(), Some(sim.at(1000)));
     assert_eq!(sim.step(999).0, vec![]);
     assert_eq!(sim.step(1000).0, vec![Action::Booted]);
-    assert_eq!(sim.pool.phase(), Phase::Running);
+    assert_eq!(sim.pool.stage(), Stage::Running);
     assert_eq!(sim.pool.up_count(), 4);
     // Idle: nothing to wake up for.
     assert_eq!(sim.pool.next_deadline(), None);
@@ -148,7 +148,7 @@ fn crash_loop_at_boot_fails_after_bounded_attempts() {
     };
     assert_eq!(failed, Action::BootFailed { slot: 0, attempts: 5, last: ExitStatus::Code(3) });
     assert!(spawns <= 10, "at most boot_attempts per slot, got {spawns}");
-    assert_eq!(sim.pool.phase(), Phase::Stopping { fast: false });
+    assert_eq!(sim.pool.stage(), Stage::Stopping { fast: false });
     assert!(sim.pool.is_done());
 }
 
@@ -168,7 +168,7 @@ fn crash_loop_after_boot_keeps_retrying_at_backoff() {
         t += 10;
     }
     assert_eq!(delays, [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
-    assert_eq!(sim.pool.phase(), Phase::Running);
+    assert_eq!(sim.pool.stage(), Stage::Running);
 }
 
 #[test]
@@ -179,17 +179,20 @@ fn graceful_stop_signals_then_kills_at_the_timeout() {
     assert!(spawned.is_empty());
     let sent = signals(&actions);
     assert_eq!(sent.len(), 2);
-    assert!(sent.iter().all(|s| s.1 == Signal::SIGTERM && s.2 == StopWhy::Shutdown));
+    assert!(sent.iter().all(|s| s.1 == Signal::SIGTERM && s.2 == StopCause::Shutdown));
     // One obeys; the other ignores TERM and is killed at 2 s + 30 s.
     let exit = sim.pool.exited(sent[0].0, ExitStatus::Code(0), sim.at(2100)).unwrap();
-    assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Shutdown, killed: false });
+    assert_eq!(exit.cause, Cause::Stopped { why: StopCause::Shutdown, killed: false });
     assert_eq!(exit.restart_in, None);
     assert_eq!(sim.pool.next_deadline(), Some(sim.at(32_000)));
-    assert_eq!(signals(&sim.step(32_000).0), vec![(sent[1].0, Signal::SIGKILL, StopWhy::Shutdown)]);
+    assert_eq!(
+        signals(&sim.step(32_000).0),
+        vec![(sent[1].0, Signal::SIGKILL, StopCause::Shutdown)]
+    );
     assert!(!sim.pool.is_done());
     let exit =
         sim.pool.exited(sent[1].0, ExitStatus::Signal(Signal::SIGKILL), sim.at(32_001)).unwrap();
-    assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Shutdown, killed: true });
+    assert_eq!(exit.cause, Cause::Stopped { why: StopCause::Shutdown, killed: true });
     assert!(sim.pool.is_done());
 }
 
@@ -199,7 +202,7 @@ fn fast_stop_during_graceful_stop_quits_and_shortens_the_grace() {
     sim.pool.stop(false, sim.at(2000));
     let pid = signals(&sim.step(2000).0)[0].0;
     sim.pool.stop(true, sim.at(3000));
-    assert_eq!(signals(&sim.step(3000).0), vec![(pid, Signal::SIGQUIT, StopWhy::Shutdown)]);
+    assert_eq!(signals(&sim.step(3000).0), vec![(pid, Signal::SIGQUIT, StopCause::Shutdown)]);
     assert_eq!(sim.pool.next_deadline(), Some(sim.at(4000)));
     // A third signal changes nothing.
     sim.pool.stop(true, sim.at(3500));
@@ -217,7 +220,7 @@ fn ttin_adds_a_slot_ttou_stops_the_highest() {
     let slots: Vec<usize> =
         sent.iter().map(|s| sim.pool.workers().find(|(p, _)| *p == s.0).unwrap().1.slot).collect();
     assert_eq!(slots, [2, 1]);
-    assert!(sent.iter().all(|s| s.2 == StopWhy::Surplus));
+    assert!(sent.iter().all(|s| s.2 == StopCause::Surplus));
     sim.pool.set_target(0);
     assert_eq!(sim.pool.target(), 1, "never below one worker");
 }
@@ -233,7 +236,7 @@ fn reload_replaces_one_slot_at_a_time_new_up_before_old_stopped_primary_last() {
     assert!(signals(&actions).is_empty());
     // Once it is up, the old one in slot 1 is stopped and slot 2 starts.
     let (actions, spawned) = sim.step(3000);
-    assert_eq!(signals(&actions), vec![(old[1], Signal::SIGTERM, StopWhy::Retired)]);
+    assert_eq!(signals(&actions), vec![(old[1], Signal::SIGTERM, StopCause::Retired)]);
     assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [2]);
     // Slot 2 up: its old worker stops; only now is the old primary stopped, and no new
     // primary is spawned while the old one lives.
@@ -241,8 +244,8 @@ fn reload_replaces_one_slot_at_a_time_new_up_before_old_stopped_primary_last() {
     assert_eq!(
         signals(&actions),
         vec![
-            (old[2], Signal::SIGTERM, StopWhy::Retired),
-            (old[0], Signal::SIGTERM, StopWhy::Retired)
+            (old[2], Signal::SIGTERM, StopCause::Retired),
+            (old[0], Signal::SIGTERM, StopCause::Retired)
         ]
     );
     assert!(spawned.is_empty());
@@ -287,7 +290,7 @@ fn notify_mode_is_up_at_ready_and_killed_at_boot_timeout() {
     assert!(!sim.pool.notified_ready(Pid::from_raw(4242), sim.at(1500)));
     assert_eq!(sim.step(1500).0, vec![]);
     let sent = signals(&sim.step(30_000).0);
-    assert_eq!(sent, vec![(spawned[1].1, Signal::SIGKILL, StopWhy::BootTimeout)]);
+    assert_eq!(sent, vec![(spawned[1].1, Signal::SIGKILL, StopCause::BootTimeout)]);
     let exit =
         sim.pool.exited(spawned[1].1, ExitStatus::Signal(Signal::SIGKILL), sim.at(30_001)).unwrap();
     assert_eq!(exit.cause, Cause::BootFailure);
@@ -328,7 +331,7 @@ fn a_new_worker_that_fails_to_come_up_rolls_the_reload_back() {
     // Slot 1 is replaced fine; slot 2's new worker dies before it is up.
     sim.step(2000);
     let (actions, spawned) = sim.step(2500);
-    assert_eq!(signals(&actions), vec![(old[1], Signal::SIGTERM, StopWhy::Retired)]);
+    assert_eq!(signals(&actions), vec![(old[1], Signal::SIGTERM, StopCause::Retired)]);
     sim.pool.exited(old[1], ExitStatus::Code(0), sim.at(2600));
     let gen2_slot1 = sim.pid_in(1, 2);
     sim.pool.exited(spawned[0].1, ExitStatus::Code(1), sim.at(2700));
@@ -345,7 +348,7 @@ fn a_new_worker_that_fails_to_come_up_rolls_the_reload_back() {
     assert!(sim.pool.workers().any(|(p, w)| p == old[2] && w.live()));
     assert_eq!(spawned.iter().map(|s| s.0).collect::<Vec<_>>(), [1]);
     assert_eq!(signals(&sim.step(3699).0), vec![]);
-    assert_eq!(signals(&sim.step(3700).0), vec![(gen2_slot1, Signal::SIGTERM, StopWhy::Retired)]);
+    assert_eq!(signals(&sim.step(3700).0), vec![(gen2_slot1, Signal::SIGTERM, StopCause::Retired)]);
     // The next reload is generation 3: a rolled-back number is never reused.
     sim.pool.reload(3, policy());
     assert_eq!(sim.pool.generation(), 3);
@@ -372,7 +375,7 @@ fn a_reload_during_a_reload_supersedes_it_and_rolls_back_to_the_settled_one() {
     );
     assert_eq!(sim.pool.generation(), 1);
     // The superseded generation-2 worker is retired beside the generation-1 one that serves.
-    assert_eq!(signals(&actions), vec![(gen2, Signal::SIGTERM, StopWhy::Retired)]);
+    assert_eq!(signals(&actions), vec![(gen2, Signal::SIGTERM, StopCause::Retired)]);
     assert!(sim.pool.workers().any(|(p, w)| p == old1 && w.live()));
 }
 
@@ -385,10 +388,10 @@ fn a_silent_worker_gets_sigabrt_then_sigkill_and_is_restarted() {
     assert_eq!(sim.pool.next_deadline(), Some(sim.at(1500)));
     sim.pool.watchdog_ping(pid, sim.at(1400));
     assert_eq!(sim.step(1500).0, vec![]);
-    assert_eq!(signals(&sim.step(1900).0), vec![(pid, Signal::SIGABRT, StopWhy::Watchdog)]);
-    assert_eq!(signals(&sim.step(3900).0), vec![(pid, Signal::SIGKILL, StopWhy::Watchdog)]);
+    assert_eq!(signals(&sim.step(1900).0), vec![(pid, Signal::SIGABRT, StopCause::Watchdog)]);
+    assert_eq!(signals(&sim.step(3900).0), vec![(pid, Signal::SIGKILL, StopCause::Watchdog)]);
     let exit = sim.pool.exited(pid, ExitStatus::Signal(Signal::SIGKILL), sim.at(3901)).unwrap();
-    assert_eq!(exit.cause, Cause::Stopped { why: StopWhy::Watchdog, killed: true });
+    assert_eq!(exit.cause, Cause::Stopped { why: StopCause::Watchdog, killed: true });
     assert_eq!(exit.restart_in, Some(ms(0)));
     assert_eq!(sim.step(3901).1.len(), 1);
 }
@@ -408,7 +411,7 @@ fn stopping_1_starts_the_replacement_at_once_except_for_the_primary() {
     assert_eq!(exit.group_grace, None, "no signal reached its group: what is left dies at once");
     assert_eq!(sim.step(2200).1.iter().map(|s| s.0).collect::<Vec<_>>(), [0]);
     // One that lingers is killed at graceful_timeout.
-    assert_eq!(signals(&sim.step(32_000).0), vec![(p1, Signal::SIGKILL, StopWhy::Retiring)]);
+    assert_eq!(signals(&sim.step(32_000).0), vec![(p1, Signal::SIGKILL, StopCause::Retiring)]);
 }
 
 #[test]
