@@ -67,8 +67,12 @@ class Master:
             return sum(1 for _, l in self.lines if needle in l)
 
     def worker_pids(self):
+        """The master's children but its watcher (which kills the children if the master dies)."""
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        with self.cv:
+            watchers = {l.split("pid=")[1].split()[0] for _, l in self.lines
+                        if "watcher started" in l and "pid=" in l}
+        return [int(p) for p in out.split() if p not in watchers]
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

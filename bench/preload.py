@@ -69,8 +69,9 @@ def pss_kib(pid):
 
 
 def total_pss_mib(master, workers):
+    # The master's children: its workers and its watcher (one more process of presup's).
     pids = [master] + children(master)
-    if len(pids) != workers + 1:
+    if len(pids) not in (workers + 1, workers + 2):
         print(f"  (warning: {len(pids) - 1} children, expected {workers})", file=sys.stderr)
     return sum(pss_kib(p) for p in pids) / 1024
 
