@@ -16,7 +16,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,38 +25,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "examples", "axum")
 
-LUA = """
-math.randomseed(os.time())
-local n = tonumber(os.getenv("ENTRIES"))
-request = function()
-  return wrk.format("GET", "/lookup/" .. math.random(0, n - 1))
-end
-"""
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid):
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(p) for p in f.read().split()]
-    return out
-
-
-def pss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+# The lookup script and the /proc helpers are bench/preload.py's.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from preload import LUA, children, free_port, pss_kib  # noqa: E402
 
 
 def main():
