@@ -329,14 +329,9 @@ fn a_worker_catching_term_with_a_signal_library_finishes_its_request_and_exits_0
         let mask = u64::from_str_radix(&caught, 16).ok()?;
         (mask & (1 << (libc::SIGTERM - 1)) != 0).then_some(())
     });
-    use std::io::{Read, Write};
-    let mut request = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    request.set_read_timeout(Some(DEADLINE)).unwrap();
-    request.write_all(b"GET /sleep/1500 HTTP/1.0\r\n\r\n").unwrap();
+    use std::io::Read;
     // In the worker's hands (it answers after 1.5 s) once nothing waits in the backlog.
-    wait_until("the worker to take the request", DEADLINE, || {
-        (common::accept_queue(port) == 0).then_some(())
-    });
+    let mut request = in_flight(port, "/sleep/1500");
     presup.signal(Signal::SIGTERM);
     let mut answer = String::new();
     request.read_to_string(&mut answer).unwrap();
