@@ -100,15 +100,6 @@ impl Sink {
         Sink::new(Target::Stderr(Stderr::open()))
     }
 
-    /// The fds of the master's own that a process forked from it without exec must close.
-    pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        match &self.lock().target {
-            Target::Stderr(Stderr::Own(f)) | Target::File { file: f, .. } => vec![f.as_raw_fd()],
-            Target::Stderr(_) => vec![],
-        }
-    }
-
     pub fn file(path: &Path) -> io::Result<Sink> {
         let file = open_append(path)?;
         Ok(Sink::new(Target::File { path: path.to_path_buf(), file }))
