@@ -41,6 +41,7 @@ pub mod master;
 pub mod notify;
 pub mod pidfile;
 pub mod prefork;
+pub mod procstat;
 pub mod signals;
 pub mod spawn;
 pub mod systemd;

@@ -28,6 +28,8 @@ use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFla
 use nix::unistd::{Gid, Pid, Uid};
 use tracing::{info, warn};
 
+use crate::procstat::Stat;
+
 /// The most datagrams one [`NotifySocket::drain`] takes, so that a flood cannot hold the
 /// master in it while signals and deadlines wait.
 pub const DRAIN_MAX: usize = 1024;
@@ -222,10 +224,7 @@ fn open_dir(dir: &Path) -> io::Result<File> {
 /// Whether a process `pid` exists in this pid namespace (a zombie counts as gone).
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        }
+        Ok(stat) => Stat::parse(&stat).is_some_and(|s| !s.gone()),
         // No /proc: ask the kernel (EPERM means it exists).
         Err(_) if !Path::new("/proc/self").exists() => !matches!(
             nix::sys::signal::kill(Pid::from_raw(pid), None),

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 use nix::time::{clock_gettime, clock_nanosleep, ClockId, ClockNanosleepFlags};
 
+use crate::procstat::Stat;
+
 pub use crate::config::{default_margin, MAX_BUCKETS, MAX_DAILY_LIMIT};
 pub use layout::Params;
 pub use reserve::{Daily, Status};
@@ -282,10 +284,9 @@ impl reserve::Holder for ThisProcess {
         let pid = (word & ((1 << PID_BITS) - 1)) as u32;
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Ok(stat) => {
-                let fields: Vec<&str> =
-                    stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-                let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
-                let started = fields.get(19).and_then(|s| s.parse::<u64>().ok());
+                let stat = Stat::parse(&stat);
+                let zombie = !stat.is_some_and(|s| !s.gone());
+                let started = stat.map(|s| s.start_time);
                 let reused = word >> PID_BITS != 0 && started != Some(word >> PID_BITS);
                 zombie || reused
             }
@@ -301,6 +302,5 @@ impl reserve::Holder for ThisProcess {
 
 /// A process's start time in clock ticks after boot (`/proc/PID/stat`, field 22).
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
+    Stat::read(pid as i32).map(|s| s.start_time)
 }

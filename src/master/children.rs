@@ -12,6 +12,7 @@ use crate::config::{self, Config, Hook, Ready};
 use crate::environment::{Environment, WorkerVars};
 use crate::listener::Listener;
 use crate::master::hooks::Point;
+use crate::procstat::Stat;
 use crate::spawn::{self, Command, Credentials, Setup, SpawnError};
 use crate::worker::{Context, WorkerFn};
 
@@ -173,21 +174,14 @@ pub fn of(pid: u32) -> Vec<Pid> {
 
 /// Whether `pid` has exited and waits to be reaped.
 pub fn is_zombie(pid: Pid) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()) == Some("Z")
+    Stat::read(pid.as_raw()).is_some_and(|s| s.state == 'Z')
 }
 
 /// The live (not zombie) members of process group `pgid`, for the log.
 pub fn group_members(pgid: Pid) -> Vec<Pid> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-            let state = fields.next();
-            let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
-            pgrp == Some(pgid.as_raw()) && !matches!(state, Some("Z") | Some("X") | None)
-        })
+        .filter(|&pid| Stat::read(pid).is_some_and(|s| s.pgrp == pgid.as_raw() && !s.gone()))
         .map(Pid::from_raw)
         .collect()
 }
@@ -196,11 +190,7 @@ pub fn group_members(pgid: Pid) -> Vec<Pid> {
 fn scan_ppid(parent: u32) -> Vec<Pid> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1));
-            ppid.and_then(|p| p.parse::<u32>().ok()) == Some(parent)
-        })
+        .filter(|&pid| Stat::read(pid).is_some_and(|s| s.ppid as u32 == parent))
         .map(Pid::from_raw)
         .collect()
 }
