@@ -242,7 +242,7 @@ impl Master {
             return;
         }
         self.watcher.watch(pid);
-        info!(slot, pid = pid.as_raw(), generation, "worker forked by the stem");
+        info!(slot, pid = pid.as_raw(), generation, by = "stem", "worker spawned");
         self.pool.spawned(slot, generation, pid, now);
     }
 
