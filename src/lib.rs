@@ -33,6 +33,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod directory;
 pub mod environment;
 pub mod exit;
