@@ -313,7 +313,8 @@ fn reload(config: &Path, args: &ReloadArgs) -> Result<(), Fail> {
         }
         "undone" => {
             let why = outcome.get("why").and_then(Value::as_str).unwrap_or("no reason given");
-            Err(Fail::failed(format!("reload {id} undone{with}: {}", render::clean(why, 1000))))
+            let why = render::clean(render::undone_why(why), 1000);
+            Err(Fail::failed(format!("reload {id} undone{with}: {why}")))
         }
         "rejected" => {
             let errors = render::errors(&outcome);

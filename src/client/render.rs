@@ -313,7 +313,7 @@ fn last_reload(r: &Value, now: f64) -> String {
         }
         _ => {
             if let Some(why) = r.get("why").and_then(Value::as_str) {
-                text.push_str(&format!(": {}", clean(why, 300)));
+                text.push_str(&format!(": {}", clean(undone_why(why), 300)));
             }
         }
     }
@@ -321,6 +321,15 @@ fn last_reload(r: &Value, now: f64) -> String {
         text.push_str(&format!(", {} ago", duration(now - at)));
     }
     text
+}
+
+/// An undone reload's `why` without the master's own `reload to generation N undone: `,
+/// which the CLI's line says already.
+pub fn undone_why(why: &str) -> &str {
+    match why.strip_prefix("reload to generation ").and_then(|r| r.split_once(" undone: ")) {
+        Some((generation, rest)) if generation.bytes().all(|b| b.is_ascii_digit()) => rest,
+        _ => why,
+    }
 }
 
 /// A rejected reload's errors, joined with `; ` (its `why` when it has none).
@@ -545,13 +554,26 @@ mod tests {
     fn a_sparse_status_still_renders() {
         let out = table(&json!({"master": {"pid": 1}}), NOW);
         assert_eq!(out, "master  pid 1\n");
-        let undone = json!({"id": 4, "result": "undone", "why": "slot 1 exited with code 1 before it was up", "at_unix": NOW - 3.0});
+        let undone = json!({"id": 4, "result": "undone", "why": "reload to generation 3 undone: slot 1 exited with code 1 before it was up", "at_unix": NOW - 3.0});
         assert_eq!(
             last_reload(&undone, NOW),
             "#4 undone: slot 1 exited with code 1 before it was up, 3.0s ago"
         );
         let rejected = json!({"id": 5, "result": "rejected", "errors": ["a: line 1", "b: line 2"]});
         assert_eq!(last_reload(&rejected, NOW), "#5 rejected: a: line 1; b: line 2");
+    }
+
+    #[test]
+    fn undone_says_why_once() {
+        assert_eq!(
+            undone_why("reload to generation 12 undone: the stem failed"),
+            "the stem failed"
+        );
+        assert_eq!(undone_why("slot 1 exited"), "slot 1 exited");
+        assert_eq!(
+            undone_why("reload to generation x undone: y"),
+            "reload to generation x undone: y"
+        );
     }
 
     #[test]

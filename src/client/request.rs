@@ -97,7 +97,17 @@ fn exchange(path: &Path, line: &[u8], timeout: Duration) -> Result<Value, Reques
     })?;
     let mut stream = stream;
     set_timeouts(&stream, deadline).map_err(io_error)?;
-    stream.write_all(line).map_err(io_error)?;
+    // A master that refuses a client answers at once and closes, maybe before the request
+    // is written: its answer is still there to read.
+    let unsent = match stream.write_all(line) {
+        Ok(()) => None,
+        Err(e)
+            if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) =>
+        {
+            Some(e)
+        }
+        Err(e) => return Err(io_error(e)),
+    };
     let mut answer = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -105,6 +115,7 @@ fn exchange(path: &Path, line: &[u8], timeout: Duration) -> Result<Value, Reques
         let n = match stream.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if unsent.is_some() && e.kind() == io::ErrorKind::ConnectionReset => break,
             Err(e) => return Err(io_error(e)),
         };
         if n == 0 {
@@ -120,6 +131,9 @@ fn exchange(path: &Path, line: &[u8], timeout: Duration) -> Result<Value, Reques
         }
     }
     if answer.is_empty() {
+        if let Some(source) = unsent {
+            return Err(RequestError::Io { path: shown, source });
+        }
         let why = "the master closed the connection without answering".to_owned();
         return Err(RequestError::Garbled { path: shown, why });
     }
@@ -192,6 +206,23 @@ mod tests {
         assert_eq!(answer_result(answer).unwrap_err(), "no such slot");
         let sent: Value = serde_json::from_str(&server.join().unwrap()).unwrap();
         assert_eq!(sent, serde_json::json!({"v": 1, "command": "restart", "slot": 7}));
+    }
+
+    #[test]
+    fn an_answer_before_the_request_is_read_is_still_read() {
+        // As a master refusing a client: it answers at once and closes without reading, so
+        // the rest of the request (too big for the socket's buffer) cannot be written.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            (&conn).write_all(b"{\"v\":1,\"ok\":false,\"error\":\"permission denied\"}\n").unwrap();
+        });
+        let mut fields = Map::new();
+        fields.insert("pad".into(), "x".repeat(4 << 20).into());
+        let answer = send(&path, "ping", fields).unwrap();
+        assert_eq!(answer_result(answer).unwrap_err(), "permission denied");
     }
 
     #[test]
