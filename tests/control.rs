@@ -399,3 +399,54 @@ fn another_user_is_refused() {
     let s = status(&dir);
     assert!(settled(&s, 1) && s["master"]["stage"] == "running", "{s:#}");
 }
+
+#[test]
+fn status_shows_the_hooks_running_and_the_tickets() {
+    let dir = Dir::new();
+    // The first worker takes a turn of bucket 1 before it sleeps: the next is an hour away.
+    dir.script(
+        "worker.sh",
+        &format!(
+            "[ -e took ] || {{ \"{}\" ticket t --shard 1 && touch took; }} || exit 1\nexec sleep 1000",
+            common::bin()
+        ),
+    );
+    dir.script("single.sh", "exec sleep 1000");
+    // The worker_exit hook runs until the test lets it end.
+    dir.script("hook.sh", "while [ ! -e release ]; do sleep 0.02; done");
+    let extra = "[hooks]\nworker_exit = [{ command = [\"./hook.sh\"], timeout = \"60s\" }]\n\
+                 [tickets.t]\ninterval = \"1h\"\nbuckets = 2\ndaily_limit = 10\n";
+    let toml = format!(
+        "graceful_timeout = \"5s\"\n{extra}[workers]\ncommand = [\"./worker.sh\"]\nmin_uptime = \"100ms\"\n"
+    );
+    let presup = Presup::start(&dir, &toml);
+    presup.log.wait_for("ready: all workers up");
+    let s = wait_status(&dir, "the worker up", |s| settled(s, 1));
+    let t = &s["tickets"][0];
+    assert_eq!((&t["name"], &t["grants"], &t["daily_left"]), (&"t".into(), &1.into(), &9.into()));
+    let wait = t["buckets"][1]["next_free_in_seconds"].as_f64().unwrap();
+    assert!(wait > 3500.0 && wait <= 3600.1, "{t}");
+    assert_eq!(t["buckets"][0]["next_free_in_seconds"].as_f64(), Some(0.0));
+
+    kill(slot_pid(&s, 0) as i32, Signal::SIGKILL);
+    let s = wait_status(&dir, "the worker_exit hook running", |s| {
+        s["hooks"].as_array().is_some_and(|h| !h.is_empty())
+    });
+    let hook = &s["hooks"][0];
+    assert_eq!(hook["point"], "worker_exit");
+    assert!(hook["command"].as_str().unwrap().contains("hook.sh"), "{hook}");
+    let pid = hook["pid"].as_i64().unwrap() as i32;
+    assert!(children_of(presup.master_pid()).contains(&pid));
+    let (code, out, err) = ctl(&dir, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    let hooks = out.lines().position(|l| l == "hooks running:").unwrap_or_else(|| panic!("{out}"));
+    let row: Vec<&str> = out.lines().nth(hooks + 2).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..2], &["worker_exit", &pid.to_string()], "{out}");
+    let ticket =
+        out.lines().find(|l| l.trim_start().starts_with("t  ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(ticket.contains("9 of 10") && ticket.contains("1: in 59m"), "{ticket}");
+
+    dir.write("release", "");
+    wait_status(&dir, "the hook over", |s| s["hooks"].as_array().is_some_and(Vec::is_empty));
+    wait_dead(pid);
+}
