@@ -450,3 +450,39 @@ fn status_shows_the_hooks_running_and_the_tickets() {
     wait_status(&dir, "the hook over", |s| s["hooks"].as_array().is_some_and(Vec::is_empty));
     wait_dead(pid);
 }
+
+#[test]
+fn a_wait_gives_up_at_its_timeout_and_a_hung_master_is_an_error() {
+    let dir = Dir::new();
+    // Slot 0 becomes ready; any other slot never does.
+    let ready = NOTIFY_WORKER.replacen(
+        "exec ",
+        "[ \"$PRESUP_WORKER_ID\" = 0 ] || exec sleep 1000\nexec ",
+        1,
+    );
+    dir.script("worker.sh", &ready);
+    dir.write("supervisor.toml", &config("count = 1\nready = \"notify\"", ""));
+    let presup = Presup::start_with(&dir, &[], &[]);
+    presup.log.wait_for("ready: all workers up");
+    let started = std::time::Instant::now();
+    let (code, out, err) = ctl(&dir, &["scale", "2", "--wait", "--timeout", "500ms"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert_eq!(err, "presup: scale to 2 workers: not done after 500ms (--timeout)\n");
+    assert!(started.elapsed() < DEADLINE);
+
+    // A master that does not answer (stopped): the CLI gives up after its 10 s.
+    let s = status(&dir);
+    let socket = format!("{}/control.sock", s["master"]["runtime_dir"].as_str().unwrap());
+    kill(presup.master_pid(), Signal::SIGSTOP);
+    let started = std::time::Instant::now();
+    let (code, _, err) = ctl(&dir, &["status", "--control", &socket]);
+    let took = started.elapsed();
+    kill(presup.master_pid(), Signal::SIGCONT);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err, format!("presup: {socket}: no answer within 10s\n"));
+    assert!(took >= std::time::Duration::from_secs(10) && took < DEADLINE, "{took:?}");
+    // It answers again once it runs: the scale was taken, slot 1 still starting.
+    let s = status(&dir);
+    assert_eq!(s["master"]["workers_target"], 2, "{s:#}");
+    assert_eq!(up_pids(&s).len(), 1, "{s:#}");
+}

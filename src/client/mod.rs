@@ -238,14 +238,12 @@ fn connect_fail(found: &Found, e: &RequestError) -> Fail {
     Fail::failed(message)
 }
 
-/// The STATUS object, memory added.
+/// The STATUS object (without the memory of its processes: see [`render::add_memory`]).
 fn fetch_status(found: &Found) -> Result<Value, Fail> {
     let answer = call(found, "status", Map::new())?;
-    let mut status = render::status_of(&answer)
+    render::status_of(&answer)
         .cloned()
-        .ok_or_else(|| Fail::failed("the master's status answer has no status object"))?;
-    render::add_memory(&mut status, render::memory);
-    Ok(status)
+        .ok_or_else(|| Fail::failed("the master's status answer has no status object"))
 }
 
 fn now_unix() -> f64 {
@@ -273,7 +271,8 @@ fn wait_for<T>(
 
 fn status(config: &Path, args: &StatusArgs) -> Result<(), Fail> {
     let found = locate(config, &args.target)?;
-    let status = fetch_status(&found)?;
+    let mut status = fetch_status(&found)?;
+    render::add_memory(&mut status, render::memory);
     if args.json {
         print(&format!("{}\n", render::json(&status)));
     } else {
@@ -294,8 +293,7 @@ fn reload(config: &Path, args: &ReloadArgs) -> Result<(), Fail> {
         return Ok(());
     }
     let outcome = wait_for(&format!("reload {id}"), args.wait.timeout, || {
-        let status =
-            fetch_status(&found).map_err(|f| gone_meanwhile(f, &format!("reload {id}")))?;
+        let status = fetch_status(&found).map_err(during(&format!("reload {id}")))?;
         let last = status.get("last_reload").filter(|r| r.is_object()).cloned();
         Ok(last.filter(|r| {
             r.get("id").and_then(Value::as_u64).is_some_and(|n| n >= id)
@@ -327,9 +325,9 @@ fn reload(config: &Path, args: &ReloadArgs) -> Result<(), Fail> {
     }
 }
 
-/// A request that failed during a `--wait`: say that the master went away, if it did.
-fn gone_meanwhile(fail: Fail, what: &str) -> Fail {
-    Fail::failed(format!("{what}: {}", fail.message))
+/// A request that failed during the `--wait` for `what`, said as such (exit 1).
+fn during(what: &str) -> impl Fn(Fail) -> Fail + '_ {
+    move |fail| Fail::failed(format!("{what}: {}", fail.message))
 }
 
 fn stop(config: &Path, args: &StopArgs) -> Result<(), Fail> {
@@ -383,7 +381,7 @@ fn scale(config: &Path, args: &ScaleArgs) -> Result<(), Fail> {
         return Ok(());
     }
     wait_for(&format!("scale to {target} workers"), args.wait.timeout, || {
-        let status = fetch_status(&found).map_err(|f| gone_meanwhile(f, "scale"))?;
+        let status = fetch_status(&found).map_err(during("scale"))?;
         let now_target = status["master"]["workers_target"].as_i64();
         if now_target != Some(target) {
             let now = now_target.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
@@ -414,16 +412,16 @@ fn restart(config: &Path, args: &RestartArgs) -> Result<(), Fail> {
     let found = locate(config, &args.target)?;
     let before = fetch_status(&found)?;
     let old = pid_of(&before, &what, None);
-    let (mut fields, name) = (
-        Map::new(),
-        match &what {
-            Restart::Slot(s) => format!("slot {s}"),
-            Restart::Singleton(n) => format!("singleton {}", render::clean(n, 80)),
-        },
-    );
-    match &what {
-        Restart::Slot(s) => fields.insert("slot".into(), (*s).into()),
-        Restart::Singleton(n) => fields.insert("singleton".into(), n.clone().into()),
+    let mut fields = Map::new();
+    let name = match &what {
+        Restart::Slot(s) => {
+            fields.insert("slot".into(), (*s).into());
+            format!("slot {s}")
+        }
+        Restart::Singleton(n) => {
+            fields.insert("singleton".into(), n.clone().into());
+            format!("singleton {}", render::clean(n, 80))
+        }
     };
     let answer = call(&found, "restart", fields)?;
     let id = answer
@@ -436,7 +434,7 @@ fn restart(config: &Path, args: &RestartArgs) -> Result<(), Fail> {
         return Ok(());
     }
     let new = wait_for(&format!("restart {id} of {name}"), args.wait.timeout, || {
-        let status = fetch_status(&found).map_err(|f| gone_meanwhile(f, "restart"))?;
+        let status = fetch_status(&found).map_err(during("restart"))?;
         let done = status["restarts_done"]
             .as_array()
             .is_some_and(|d| d.iter().any(|x| x.as_u64() == Some(id)));
