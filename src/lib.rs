@@ -38,6 +38,7 @@ pub mod listener;
 pub mod lockfile;
 pub mod logs;
 pub mod master;
+pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 pub mod prefork;

@@ -29,6 +29,9 @@ enum Command {
     /// The HTTP server of a ticket, run by the master (gateway-queue's protocol).
     #[command(hide = true)]
     TicketServer(presup::ticket::cli::ServerArgs),
+    /// Prometheus' /metrics of the master on a control socket, run by the master.
+    #[command(hide = true)]
+    MetricsServer(presup::metrics::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Some(Command::Check) => cli::check(&cli.args),
         Some(Command::Ticket(t)) => t.run(),
         Some(Command::TicketServer(s)) => s.run(&cli.args.log_level, cli.args.log_format),
+        Some(Command::MetricsServer(m)) => m.run(&cli.args.log_level, cli.args.log_format),
         None => cli::run(&cli.args, None),
     }
 }

@@ -21,8 +21,8 @@ use toml::Spanned;
 use self::walker::{all, Item, Table, Walker};
 use super::validate::{self, Origins};
 use super::{
-    default_margin, Address, Backoff, Config, ConfigError, Hook, Hooks, Launch, Listen, Metrics, Ready,
-    Restart, Signal, Singleton, Ticket, Workers, MAX_BUCKETS, MAX_DAILY_LIMIT, MAX_WORKERS,
+    default_margin, Address, Backoff, Config, ConfigError, Hook, Hooks, Launch, Listen, Metrics,
+    Ready, Restart, Signal, Singleton, Ticket, Workers, MAX_BUCKETS, MAX_DAILY_LIMIT, MAX_WORKERS,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -127,9 +127,9 @@ fn read_config(
         singleton: singleton.into_iter().map(|(_, s)| s).collect(),
         tickets,
         control: t.get("control", |v| v.str().and_then(|s| v.unix_path(s))),
-        metrics: t.get("metrics", |v| v.table(keys::METRICS)).and_then(|m| {
-            Some(Metrics { http: m.require("http", Item::socket_addr)? })
-        }),
+        metrics: t
+            .get("metrics", |v| v.table(keys::METRICS))
+            .and_then(|m| Some(Metrics { http: m.require("http", Item::socket_addr)? })),
     };
     (config, origins)
 }
