@@ -31,6 +31,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod directory;
 pub mod environment;
 pub mod exit;
