@@ -31,7 +31,7 @@ enum Command {
     TicketServer(presup::ticket::cli::ServerArgs),
     /// Prometheus' /metrics of the master on a control socket, run by the master.
     #[command(hide = true)]
-    MetricsServer(presup::metrics::Args),
+    MetricsServer(presup::metrics::ServerArgs),
 }
 
 fn main() -> ExitCode {

@@ -46,7 +46,7 @@ pub const MAX_CONNECTIONS: usize = 8;
 
 /// `presup metrics-server`: `/metrics` of the master on the control socket PATH.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Args {
+pub struct ServerArgs {
     /// Where to listen, "127.0.0.1:9100" (port 0: any free port, logged).
     #[arg(long)]
     pub listen: SocketAddr,
@@ -55,7 +55,7 @@ pub struct Args {
     pub control: PathBuf,
 }
 
-impl Args {
+impl ServerArgs {
     pub fn run(&self, log_level: &str, log_format: Format) -> ExitCode {
         if let Err(e) = logs::init(log_level, log_format, Sink::stderr()) {
             logs::report(format_args!("presup: {e}"));
@@ -183,7 +183,7 @@ impl Server {
             }
             http::Request::NotFound => (404, "not found: metrics are at /metrics\n".to_owned()),
             http::Request::MethodNotAllowed => (405, "method not allowed\n".to_owned()),
-            http::Request::BadRequest(why) => (400, format!("{why}\n")),
+            http::Request::Malformed(why) => (400, format!("{why}\n")),
         };
         if http::respond(stream, code, "text/plain", &body, false).is_ok() {
             http::drain(stream);

@@ -283,3 +283,39 @@ fn the_server_alone_says_ready_answers_without_a_master_and_ends_on_term() {
     assert!(log.contains("metrics server listening"), "{log}");
     assert!(log.contains("metrics server stopping"), "{log}");
 }
+
+/// A program built on `presup::prefork` is its own master: with `[metrics]` the master runs
+/// `PROGRAM metrics-server ...`, which `prefork::main_with` must serve.
+#[test]
+fn a_prefork_program_serves_its_own_metrics() {
+    let dir = Dir::new();
+    let port = free_port();
+    dir.write(
+        "supervisor.toml",
+        &format!(
+            r#"graceful_timeout = "5s"
+[metrics]
+http = "127.0.0.1:{port}"
+[[listen]]
+name = "http"
+address = "127.0.0.1:0"
+[workers]
+count = 2
+ready = "notify"
+boot_timeout = "30s"
+"#
+        ),
+    );
+    let mut presup = Presup::start_program(&dir, &common::example("preload"), &["--mb", "1"]);
+    let server = field::<i32>(&presup.log.wait_for("singleton spawned"), "pid");
+    dir.record_pid(server);
+    presup.log.wait_for("singleton ready");
+    let (_, f) = scrape_until(port, "2 forked workers up", |b| {
+        raw(b, r#"presup_workers{state="up"}"#) == Some(2.0)
+    });
+    assert_eq!(value(&f, "presup_up", &[]), Some(1.0));
+    assert_eq!(samples(&f, "presup_worker_proportional_memory_bytes").len(), 2);
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    wait_dead(server);
+}

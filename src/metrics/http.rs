@@ -19,7 +19,7 @@ pub enum Request {
     },
     NotFound,
     MethodNotAllowed,
-    BadRequest(&'static str),
+    Malformed(&'static str),
 }
 
 /// Reads one request head within `timeout` of now. `None`: the client closed or sent nothing
@@ -33,7 +33,7 @@ pub fn read_request(stream: &TcpStream, timeout: Duration) -> Option<Request> {
             return Some(parse_head(&buf[..end]));
         }
         if buf.len() > MAX_HEAD {
-            return Some(Request::BadRequest("request head too long"));
+            return Some(Request::Malformed("request head too long"));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
@@ -65,10 +65,10 @@ pub fn parse_head(head: &[u8]) -> Request {
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Request::BadRequest("malformed request line");
+        return Request::Malformed("malformed request line");
     };
     if !version.starts_with("HTTP/1.") {
-        return Request::BadRequest("unsupported HTTP version");
+        return Request::Malformed("unsupported HTTP version");
     }
     let path = target.split(['?', '#']).next().unwrap_or("");
     if path != "/metrics" {
@@ -144,9 +144,9 @@ mod tests {
         assert_eq!(p("GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
         assert_eq!(p("GET /metrics/x HTTP/1.1\r\n\r\n"), Request::NotFound);
         assert_eq!(p("POST /metrics HTTP/1.1\r\n\r\n"), Request::MethodNotAllowed);
-        assert!(matches!(p("GET /metrics\r\n\r\n"), Request::BadRequest(_)));
-        assert!(matches!(p("GET /metrics HTTP/2\r\n\r\n"), Request::BadRequest(_)));
-        assert!(matches!(p("\u{0}\u{1} garbage"), Request::BadRequest(_)));
+        assert!(matches!(p("GET /metrics\r\n\r\n"), Request::Malformed(_)));
+        assert!(matches!(p("GET /metrics HTTP/2\r\n\r\n"), Request::Malformed(_)));
+        assert!(matches!(p("\u{0}\u{1} garbage"), Request::Malformed(_)));
         assert_eq!(head_end(b"GET / HTTP/1.0\n\nrest"), Some(16));
         assert_eq!(head_end(b"GET / HTTP/1.0\r\nA: b\r\n\r\n"), Some(24));
         assert_eq!(head_end(b"GET / HTTP/1.0\r\n"), None);
