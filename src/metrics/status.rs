@@ -241,4 +241,38 @@ mod tests {
                 .unwrap();
         assert_eq!((s.master.pid, s.workers.len()), (7, 0));
     }
+
+    /// A stand-in master on a real socket that answers with `parts`, written one by one.
+    fn answering(parts: &'static [&'static [u8]]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            assert_eq!(line, br#"{"v":1,"command":"status"}"#);
+            for part in parts {
+                stream.write_all(part).unwrap();
+                stream.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn fetches_an_answer_in_pieces_and_refuses_a_cut_one() {
+        let (_dir, path) =
+            answering(&[br#"{"v":1,"ok":true,"#, br#""status":{"master":{"pid":42}}}"#, b"\n"]);
+        assert_eq!(fetch(&path, Duration::from_secs(20)).unwrap().master.pid, 42);
+        let (_dir, path) = answering(&[br#"{"v":1,"ok":true,"status":{}"#]);
+        assert!(matches!(fetch(&path, Duration::from_secs(20)), Err(FetchError::Truncated)));
+        let missing = tempfile::tempdir().unwrap();
+        let e = fetch(&missing.path().join("no.sock"), Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, FetchError::Connect { .. }), "{e}");
+    }
 }
