@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from master import BIN, ROOT, Master, fmt, status_field
@@ -72,32 +73,46 @@ def scrape(port):
     return data
 
 
-def bench_requests(n, rows):
+def has_status():
+    """Whether this build has `presup status` (the control socket's CLI)."""
+    return subprocess.run([BIN, "status", "--help"], capture_output=True).returncode == 0
+
+
+def control_socket(m):
+    """The master's control socket: control.sock in its runtime directory."""
+    answer = json.loads(status(["-c", os.path.join(m.dir, "supervisor.toml"), "status", "--json"], m.dir))
+    st = answer.get("status", answer)
+    return os.path.join(st["master"]["runtime_dir"], "control.sock")
+
+
+def bench_requests(n, rows, cli):
     port = free_port()
     m = Master(config(n, port))
     m.wait_for("ready: all workers up")
     m.wait_for("singleton ready")
     cfg = os.path.join(m.dir, "supervisor.toml")
-    answer = json.loads(status(["-c", cfg, "status", "--json"], m.dir))
-    st = answer.get("status", answer)
-    sock = os.path.join(st["master"]["runtime_dir"], "control.sock")
-    rows.append((f"presup status --control, {n} workers", timed(lambda: status(["status", "--control", sock], m.dir))))
-    rows.append((f"presup status -c FILE, {n} workers", timed(lambda: status(["-c", cfg, "status"], m.dir))))
+    if cli:
+        sock = control_socket(m)
+        rows.append((f"presup status --control, {n} workers", timed(lambda: status(["status", "--control", sock], m.dir))))
+        rows.append((f"presup status -c FILE, {n} workers", timed(lambda: status(["-c", cfg, "status"], m.dir))))
     rows.append((f"scrape /metrics, {n} workers", timed(lambda: scrape(port))))
     m.stop()
 
 
-def bench_idle():
+def bench_idle(cli):
     port = free_port()
     m = Master(config(4, port))
     m.wait_for("ready: all workers up")
     m.wait_for("singleton ready")
     scrape(port)  # once, so that every lazy path has run
     pid = m.proc.pid
-    cfg = os.path.join(m.dir, "supervisor.toml")
-    answer = json.loads(status(["-c", cfg, "status", "--json"], m.dir))
-    st = answer.get("status", answer)
-    sock = os.path.join(st["master"]["runtime_dir"], "control.sock")
+    # Without the CLI, the socket is found where the master makes it: its runtime directory,
+    # named presup-<pid>-<hex> in the temp dir here (no RUNTIME_DIRECTORY or XDG_RUNTIME_DIR).
+    sock = control_socket(m) if cli else None
+    if sock is None:
+        base = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        dirs = [d for d in os.listdir(base) if d.startswith(f"presup-{pid}-")]
+        sock = os.path.join(base, dirs[0], "control.sock")
     time.sleep(1)
     before = status_field(pid, "voluntary_ctxt_switches")
     time.sleep(10)
@@ -116,16 +131,20 @@ def main():
     if "--no-build" not in sys.argv:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     print(f"presup control socket and metrics figures, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
+    cli = has_status()
     rows = []
     for n in (4, 64):
-        bench_requests(n, rows)
-    width = max(len(name) for name, _ in rows)
+        bench_requests(n, rows, cli)
+    quiet, held = bench_idle(cli)
+    lines = [(name, fmt(times)) for name, times in rows]
+    if not cli:
+        lines.append(("presup status", "n/a: this build has no `presup status`"))
+    lines.append(("master wake-ups over 10 idle s", f"{quiet:5d}      (control socket and metrics server up, no client)"))
+    lines.append(("... one silent client connected", f"{held:5d}      (the master cuts it after its 5 s timeout)"))
+    width = max(len(name) for name, _ in lines)
     print(f"{'':{width}}  median of 20")
-    for name, times in rows:
-        print(f"{name:{width}}  {fmt(times)}")
-    quiet, held = bench_idle()
-    print(f"{'master wake-ups, 10 idle s':{width}}  {quiet} (control socket and metrics server up, no client)")
-    print(f"{'... one silent client connected':{width}}  {held} (cut by the master after 5 s)")
+    for name, text in lines:
+        print(f"{name:{width}}  {text}")
 
 
 if __name__ == "__main__":
