@@ -167,6 +167,7 @@ fn assemble(config: Config, options: Options, a: Acquired) -> Master {
             own,
             credentials: a.credentials,
             cgroup_procs: a.watcher.cgroup().map(Cgroup::procs_fd),
+            cgroup_dir: a.watcher.cgroup().map(Cgroup::dir_fd),
         },
         statuses: BTreeMap::new(),
         rejected_notifications: LogLimit::new(log_limit::REJECTED_EVERY),
