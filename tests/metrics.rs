@@ -28,14 +28,19 @@ struct Response {
 }
 
 fn get(port: u16, path: &str) -> Response {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+    try_get(port, path).unwrap()
+}
+
+/// A GET, or the error of the connection (a server being replaced refuses it for a moment).
+fn try_get(port: u16, path: &str) -> std::io::Result<Response> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    s.read_to_string(&mut out)?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{out:?}"));
     let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    Response { code, head: head.to_owned(), body: body.to_owned() }
+    Ok(Response { code, head: head.to_owned(), body: body.to_owned() })
 }
 
 /// `text` parsed by prometheus_client's text parser, as JSON: `[{name, type, help, samples:
@@ -108,7 +113,7 @@ fn raw(body: &str, prefix: &str) -> Option<f64> {
 /// Scrapes until `ready(body)`, then returns the scrape parsed.
 fn scrape_until(port: u16, what: &str, ready: impl Fn(&str) -> bool) -> (String, Vec<Value>) {
     let body = wait_until(what, DEADLINE, || {
-        let r = get(port, "/metrics");
+        let r = try_get(port, "/metrics").ok()?;
         (r.code == 200 && ready(&r.body)).then_some(r.body)
     });
     let parsed = parse(&body);
@@ -234,9 +239,31 @@ min_uptime = "100ms"
     let exits: f64 = samples(&f, "presup_worker_exits_total").iter().map(|(_, v)| v).sum();
     assert_eq!(exits, 1.0, "one worker exit, of some kind");
 
+    // HUP: a new generation, the reload counted.
+    kill(master, Signal::SIGHUP);
+    let (_, f) = scrape_until(port, "the reload done", |b| {
+        raw(b, r#"presup_reloads_total{result="done"}"#) == Some(1.0)
+            && raw(b, r#"presup_workers{state="up"}"#) == Some(2.0)
+            && raw(b, r#"presup_workers{state="draining"}"#) == Some(0.0)
+            && raw(b, r#"presup_workers{state="stopping"}"#) == Some(0.0)
+    });
+    assert_eq!(value(&f, "presup_generation", &[]), Some(2.0));
+    assert_eq!(
+        value(&f, "presup_workers_target", &[]),
+        Some(2.0),
+        "a reload sets the config's count"
+    );
+    assert_eq!(value(&f, "presup_reloads_total", &[("result", "undone")]), Some(0.0));
+    assert_eq!(memory_pids(&f, "presup_worker_resident_memory_bytes"), workers_of(master));
+    // The metrics server may have been replaced by the reload: the one running now must end too.
+    let last = presup.log.count("singleton spawned");
+    let server_now = field::<i32>(&presup.log.wait_for_nth("singleton spawned", last), "pid");
+    dir.record_pid(server_now);
+
     presup.signal(Signal::SIGTERM);
     assert_eq!(presup.wait_exit(), Some(0));
     wait_dead(server);
+    wait_dead(server_now);
 }
 
 /// The server alone: READY=1 with its address once bound, 503 and `presup_up 0` (parsed) when
