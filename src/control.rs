@@ -148,6 +148,7 @@ pub fn add_metrics_server(config: &mut crate::config::Config, control: &Path) {
 /// A client's connection.
 struct Client {
     id: u64,
+    read_only: bool,
     stream: UnixStream,
     read: Vec<u8>,
     /// The answer, once there is one, and how much of it was written.
@@ -160,6 +161,8 @@ struct Client {
 pub struct Incoming {
     pub client: u64,
     pub request: Request,
+    /// From the children's user (`user =`): only `ping` and `status` are answered.
+    pub read_only: bool,
 }
 
 /// What [`Control::on_ready`] found besides requests: refusals to log.
@@ -176,14 +179,24 @@ pub struct Control {
     path: PathBuf,
     /// Root and this uid are answered.
     uid: u32,
+    /// The children's user (`user =`), answered for `ping` and `status` only (the metrics
+    /// server runs as it).
+    reader: Option<u32>,
     clients: Vec<Client>,
     next_id: u64,
+    /// No accept before this instant: the last one failed for want of fds (EMFILE), and the
+    /// listener, still readable, would wake the master at once.
+    paused_until: Option<Instant>,
 }
 
+/// How long accepting pauses after it failed for want of fds.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 impl Control {
-    /// Binds the socket at `path`, mode 0600. A stale socket (nobody listening) there is
-    /// replaced; anything else there is an error.
-    pub fn bind(path: &Path) -> io::Result<Control> {
+    /// Binds the socket at `path`, mode 0600; with `readers` (the children's uid and gid),
+    /// 0660 and the children's group, which may then read the status. A stale socket (nobody
+    /// listening) there is replaced; anything else there is an error.
+    pub fn bind(path: &Path, readers: Option<(u32, u32)>) -> io::Result<Control> {
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
                 if UnixStream::connect(path).is_ok() {
@@ -208,10 +221,28 @@ impl Control {
         let bound = UnixListener::bind(path);
         nix::sys::stat::umask(old);
         let listener = bound?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
         let uid = nix::unistd::geteuid().as_raw();
-        Ok(Control { listener, path: path.to_path_buf(), uid, clients: Vec::new(), next_id: 1 })
+        let reader = match readers {
+            Some((reader, gid)) if reader != uid && reader != 0 => {
+                std::os::unix::fs::chown(path, None, Some(gid))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Some(reader)
+            }
+            _ => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                None
+            }
+        };
+        listener.set_nonblocking(true)?;
+        Ok(Control {
+            listener,
+            path: path.to_path_buf(),
+            uid,
+            reader,
+            clients: Vec::new(),
+            next_id: 1,
+            paused_until: None,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -221,7 +252,10 @@ impl Control {
     /// The fds to poll and what for: the listener (readable), each client (readable while it
     /// sends, writable while its answer waits).
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool)> {
-        let mut fds = vec![(self.listener.as_fd(), false)];
+        let mut fds = Vec::new();
+        if self.paused_until.is_none() {
+            fds.push((self.listener.as_fd(), false));
+        }
         fds.extend(self.clients.iter().map(|c| (c.stream.as_fd(), c.answer.is_some())));
         fds
     }
@@ -235,7 +269,7 @@ impl Control {
 
     /// The nearest client deadline, if a client is connected.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.iter().map(|c| c.deadline).min()
+        self.clients.iter().map(|c| c.deadline).chain(self.paused_until).min()
     }
 
     /// Accepts, reads and writes what can be now; drops clients past their deadline.
@@ -246,7 +280,10 @@ impl Control {
             if c.answer.is_none() {
                 if let Some(request) = read_request(c) {
                     match request {
-                        Ok(request) => found.requests.push(Incoming { client: c.id, request }),
+                        Ok(request) => {
+                            let read_only = c.read_only;
+                            found.requests.push(Incoming { client: c.id, request, read_only })
+                        }
                         Err(why) => c.answer = Some((line(&error(&why)), 0)),
                     }
                 }
@@ -269,13 +306,21 @@ impl Control {
     }
 
     fn accept(&mut self, now: Instant, found: &mut Found) {
+        if self.paused_until.is_some_and(|t| t > now) {
+            return;
+        }
+        self.paused_until = None;
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // WouldBlock, or a transient error (EMFILE): what is left waits for the next
-                // wake-up.
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // Out of fds (EMFILE, ENFILE), or another transient error: the connection
+                // waits in the backlog, and accepting pauses a moment.
+                Err(_) => {
+                    self.paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
             };
             if stream.set_nonblocking(true).is_err() {
                 continue;
@@ -284,6 +329,7 @@ impl Control {
             self.next_id += 1;
             let mut client = Client {
                 id,
+                read_only: false,
                 stream,
                 read: Vec::new(),
                 answer: None,
@@ -292,6 +338,7 @@ impl Control {
             let uid = getsockopt(&client.stream, PeerCredentials).map(|c| c.uid()).ok();
             match uid {
                 Some(uid) if uid == 0 || uid == self.uid => {}
+                Some(uid) if Some(uid) == self.reader => client.read_only = true,
                 other => {
                     let uid = other.unwrap_or(u32::MAX);
                     found.refused.push(uid);
@@ -419,7 +466,7 @@ mod tests {
     fn a_request_line_gets_one_answer_line_and_garbage_gets_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
-        let mut control = Control::bind(&path).unwrap();
+        let mut control = Control::bind(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let p = path.clone();
@@ -441,21 +488,21 @@ mod tests {
         assert!(answer["error"].as_str().unwrap().contains("not JSON"));
 
         // A second master on the same path is refused; the first one's socket stays.
-        let Err(e) = Control::bind(&path) else { panic!("a second bind succeeded") };
+        let Err(e) = Control::bind(&path, None) else { panic!("a second bind succeeded") };
         assert!(e.to_string().contains("running master"), "{e}");
         drop(control);
         assert!(!path.exists(), "removed when dropped");
         // A stale socket is replaced.
         let stale = UnixListener::bind(&path).unwrap();
         drop(stale);
-        Control::bind(&path).unwrap();
+        Control::bind(&path, None).unwrap();
     }
 
     #[test]
     fn an_oversized_request_is_refused_and_a_silent_client_times_out() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
-        let mut control = Control::bind(&path).unwrap();
+        let mut control = Control::bind(&path, None).unwrap();
         let p = path.clone();
         let big = std::thread::spawn(move || {
             let mut s = UnixStream::connect(&p).unwrap();

@@ -146,6 +146,8 @@ pub struct Channel {
     fd: OwnedFd,
     outbox: VecDeque<Vec<u8>>,
     closed: bool,
+    /// One packet's room, kept from read to read.
+    buf: Vec<u8>,
 }
 
 impl Channel {
@@ -160,7 +162,13 @@ impl Channel {
         )?;
         let flags = OFlag::from_bits_truncate(fcntl(&ours, FcntlArg::F_GETFL)?);
         fcntl(&ours, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-        Ok((Channel { fd: ours, outbox: VecDeque::new(), closed: false }, theirs))
+        let channel = Channel {
+            fd: ours,
+            outbox: VecDeque::new(),
+            closed: false,
+            buf: vec![0; MAX_MESSAGE + 1],
+        };
+        Ok((channel, theirs))
     }
 
     /// Queues `packet` and sends what the socket takes now.
@@ -200,9 +208,8 @@ impl Channel {
     /// Reads every packet there is now.
     pub fn receive(&mut self) -> Received {
         let mut got = Received::default();
-        let mut buf = vec![0u8; MAX_MESSAGE + 1];
         while !self.closed {
-            match socket::recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => {
                     self.closed = true;
                     got.closed = true;
@@ -211,7 +218,7 @@ impl Channel {
                     got.broken = Some(format!("a message over {MAX_MESSAGE} bytes"));
                     return got;
                 }
-                Ok(n) => match FromStem::parse(&buf[..n]) {
+                Ok(n) => match FromStem::parse(&self.buf[..n]) {
                     Ok(m) => got.messages.push(m),
                     Err(why) => {
                         got.broken = Some(why);

@@ -294,11 +294,17 @@ fn reload(config: &Path, args: &ReloadArgs) -> Result<(), Fail> {
     }
     let outcome = wait_for(&format!("reload {id}"), args.wait.timeout, || {
         let status = fetch_status(&found).map_err(during(&format!("reload {id}")))?;
+        let over = |r: &Value| r.get("result").and_then(Value::as_str) != Some("in_progress");
+        // Its own record, when the master still lists it: a later reload rejected meanwhile
+        // says nothing of this one's rollout.
+        let records = status.get("reloads").and_then(Value::as_array);
+        if let Some(own) = records
+            .and_then(|rs| rs.iter().find(|r| r.get("id").and_then(Value::as_u64) == Some(id)))
+        {
+            return Ok(Some(own.clone()).filter(over));
+        }
         let last = status.get("last_reload").filter(|r| r.is_object()).cloned();
-        Ok(last.filter(|r| {
-            r.get("id").and_then(Value::as_u64).is_some_and(|n| n >= id)
-                && r.get("result").and_then(Value::as_str) != Some("in_progress")
-        }))
+        Ok(last.filter(|r| r.get("id").and_then(Value::as_u64).is_some_and(|n| n >= id) && over(r)))
     })?;
     let last_id = outcome.get("id").and_then(Value::as_u64).unwrap_or(id);
     let with = if last_id > id { format!(" (with reload {last_id})") } else { String::new() };

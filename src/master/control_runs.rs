@@ -130,7 +130,13 @@ impl Master {
             warn!(uid, "control socket: a client of another user was refused");
         }
         for incoming in found.requests {
-            let answer = self.perform(incoming.request);
+            let answer = match incoming.request {
+                Request::Ping | Request::Status => self.perform(incoming.request),
+                _ if incoming.read_only => control::error(
+                    "permission denied: the children's user may only ask for ping and status",
+                ),
+                request => self.perform(request),
+            };
             if let Some(control) = &mut self.control {
                 control.answer(incoming.client, &answer);
             }
@@ -351,12 +357,14 @@ impl Master {
                 })
             })
             .collect();
-        let last_reload = self.reload.last.as_ref().map_or(Value::Null, |l| {
+        let reload_json = |l: &super::reload::LastReload| {
             json!({
                 "id": l.id, "generation": l.generation, "result": l.outcome.name(), "why": l.why,
                 "errors": l.errors, "at_unix": unix(l.at),
             })
-        });
+        };
+        let last_reload = self.reload.last().map_or(Value::Null, reload_json);
+        let reloads: Vec<Value> = self.reload.records.iter().map(reload_json).collect();
         let [crash, boot_failure, stopped, watchdog] = self.ledger.worker_exits;
         let [done, undone, rejected] = self.reload.counts;
         let hook_runs: Vec<Value> = self
@@ -369,7 +377,7 @@ impl Master {
             "master": {
                 "pid": std::process::id(),
                 "version": env!("CARGO_PKG_VERSION"),
-                "config": self.options.config_path,
+                "config": self.options.config_path.canonicalize().unwrap_or_else(|_| self.options.config_path.clone()),
                 "started_unix": unix(self.ledger.started.1),
                 "uptime_seconds": uptime(self.ledger.started.0),
                 "generation": self.pool.generation(),
@@ -385,6 +393,7 @@ impl Master {
             "stems": stems,
             "hooks": hooks,
             "last_reload": last_reload,
+            "reloads": reloads,
             "counters": {
                 "worker_exits": { "crash": crash, "boot_failure": boot_failure, "stopped": stopped, "watchdog": watchdog },
                 "reloads": { "done": done, "undone": undone, "rejected": rejected },

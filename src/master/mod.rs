@@ -114,6 +114,12 @@ struct Master {
     /// Reaped children nobody claimed while fork answers were due: a worker whose pid the
     /// stem has not reported yet ([`stem_runs::UNCLAIMED_HOLD`]).
     unclaimed: Vec<(Pid, ExitStatus, Instant)>,
+    /// Datagrams from processes not known yet while fork answers were due (a worker's
+    /// `READY=1` before its stem's answer is read).
+    early_notes: Vec<(Pid, Vec<Message>, Instant)>,
+    /// Until when an unknown child's reaping sweeps for strays (after a stem died with fork
+    /// requests unanswered).
+    strays_until: Option<Instant>,
     /// The control socket (`presup status`, ...), and what it reports beyond the live state.
     control: Option<crate::control::Control>,
     ledger: control_runs::Ledger,
@@ -135,10 +141,11 @@ impl Master {
             for (event, count) in self.signals.drain() {
                 self.on_signal(event, count);
             }
+            // The stems' answers before the notifications: a worker's READY=1 finds it known.
+            self.stem_io();
             for (pid, messages) in self.notify.drain() {
                 self.on_notify(pid, messages);
             }
-            self.stem_io();
             self.control_io();
         }
     }
@@ -497,7 +504,9 @@ impl Master {
         let singleton = self.singletons.index_of(pid);
         let now = Instant::now();
         if slot.is_none() && singleton.is_none() {
-            self.rejected_notification(pid, &messages, now);
+            if !self.hold_notification(pid, &messages, now) {
+                self.rejected_notification(pid, &messages, now);
+            }
             return;
         }
         for m in messages {
@@ -571,20 +580,28 @@ impl Master {
             }
         } else if self.hook_exited(pid, &status, now) {
             self.group_ended(pid, Owner::Hook, None, now);
-        } else if let Some(end) = self.stems.exited(pid, status.clone(), self.stem_wanted(), now) {
-            self.group_ended(pid, Owner::Stem, None, now);
-            self.stem_exited(pid, end, now);
+        } else if self.stems.contains(pid) {
+            // What it said before it died is still in its socket: a worker's pid, say.
+            self.stem_read(pid);
+            if let Some(end) = self.stems.exited(pid, status.clone(), self.stem_wanted(), now) {
+                self.group_ended(pid, Owner::Stem, None, now);
+                self.stem_exited(pid, end, now);
+            }
         } else if self.watcher.watches(pid) {
             // A child the master started that no owner claims any more (one that forgot it
             // before it was reaped): its group still goes, as a crashed child's would.
             self.group_ended(pid, Owner::Other, None, now);
-        } else if !self.watcher.exited(pid, &status.to_string())
-            && !self.hold_unclaimed(pid, &status, now)
-        {
-            debug!(
-                pid = pid.as_raw(),
-                "reaped a process that is not a child of presup's ({status})"
-            );
+        } else if !self.watcher.exited(pid, &status.to_string()) {
+            // A dead stem's middle process: its worker, if it made one, is now the master's.
+            if self.strays_until.is_some_and(|t| now < t) {
+                self.kill_strays();
+            }
+            if !self.hold_unclaimed(pid, &status, now) {
+                debug!(
+                    pid = pid.as_raw(),
+                    "reaped a process that is not a child of presup's ({status})"
+                );
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::master::pool::Policy;
 #[derive(Default)]
 pub(super) struct Reload {
     /// A valid new config waiting for its `on_reload` hooks.
-    pending: Option<Config>,
+    pending: Option<(u64, Config)>,
     /// While a reload rolls out: the last config fully rolled out, restored if it fails.
     rollback: Option<Config>,
     /// systemd was told `RELOADING=1` and waits for `READY=1`.
@@ -29,11 +29,16 @@ pub(super) struct Reload {
     retired_listeners: Vec<Listener>,
     /// Reloads asked for so far (HUP or `presup reload`): the last one's number.
     pub(super) seq: u64,
-    /// The last reload and how it ended, for `presup status`.
-    pub(super) last: Option<LastReload>,
+    /// The last reloads and how each ended (at most [`RECORDS_KEPT`]), for `presup status`.
+    pub(super) records: std::collections::VecDeque<LastReload>,
+    /// The reload whose config the rollout under way applies.
+    applied: Option<u64>,
     /// Reloads by how they ended: done, undone, rejected.
     pub(super) counts: [u64; 3],
 }
+
+/// How many reloads `presup status` lists.
+const RECORDS_KEPT: usize = 16;
 
 /// How a reload ended, or that it is under way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +76,10 @@ impl Reload {
     /// A reload is asked for: its number.
     fn begin(&mut self) -> u64 {
         self.seq += 1;
-        self.last = Some(LastReload {
+        if self.records.len() == RECORDS_KEPT {
+            self.records.pop_front();
+        }
+        self.records.push_back(LastReload {
             id: self.seq,
             generation: None,
             outcome: Outcome::InProgress,
@@ -82,21 +90,45 @@ impl Reload {
         self.seq
     }
 
-    /// The last reload ended (`generation`: the one it had started, for a done or undone).
-    fn ended(&mut self, outcome: Outcome, why: Option<String>, errors: Vec<String>) {
-        let index = match outcome {
-            Outcome::Done => 0,
-            Outcome::Undone => 1,
-            Outcome::Rejected => 2,
-            Outcome::InProgress => return,
-        };
-        self.counts[index] += 1;
-        if let Some(last) = &mut self.last {
-            if last.outcome == Outcome::InProgress {
-                last.outcome = outcome;
-                last.why = why;
-                last.errors = errors;
-                last.at = std::time::SystemTime::now();
+    /// The last reload, for `presup status`.
+    pub(super) fn last(&self) -> Option<&LastReload> {
+        self.records.back()
+    }
+
+    fn record(&mut self, id: u64) -> Option<&mut LastReload> {
+        self.records.iter_mut().find(|r| r.id == id)
+    }
+
+    /// Reload `id` was refused: nothing changed (a rollout under way goes on).
+    fn rejected(&mut self, id: u64, why: String, errors: Vec<String>) {
+        self.counts[2] += 1;
+        if let Some(r) = self.record(id) {
+            (r.outcome, r.why, r.errors, r.at) =
+                (Outcome::Rejected, Some(why), errors, std::time::SystemTime::now());
+        }
+    }
+
+    /// Reload `id`'s config rolls out as `generation`.
+    fn applied(&mut self, id: u64, generation: u64) {
+        self.applied = Some(id);
+        if let Some(r) = self.record(id) {
+            r.generation = Some(generation);
+        }
+    }
+
+    /// The rollout ended: the reload it applied, and the earlier ones it superseded, with it.
+    fn rollout_ended(&mut self, outcome: Outcome, why: Option<String>) {
+        self.counts[if outcome == Outcome::Done { 0 } else { 1 }] += 1;
+        let Some(applied) = self.applied.take() else { return };
+        for r in self.records.iter_mut() {
+            if r.id <= applied && r.outcome == Outcome::InProgress {
+                r.outcome = outcome;
+                r.why = match (r.id < applied, &why) {
+                    (true, None) => Some(format!("superseded by reload {applied}")),
+                    (true, Some(why)) => Some(format!("superseded by reload {applied}: {why}")),
+                    (false, why) => why.clone(),
+                };
+                r.at = std::time::SystemTime::now();
             }
         }
     }
@@ -143,7 +175,7 @@ impl Master {
                 );
                 let list = errors.errors.iter().map(ToString::to_string).collect();
                 let why = format!("{} error(s) in the new config", errors.errors.len());
-                self.reload_rejected(why, list);
+                self.reload_rejected(id, why, list);
                 return Some(id);
             }
         };
@@ -157,22 +189,22 @@ impl Master {
         }
         if let Err(e) = self.rebind(&new) {
             error!("reload rejected: {e}; keeping the running config");
-            self.reload_rejected(e.to_string(), vec![e.to_string()]);
+            self.reload_rejected(id, e.to_string(), vec![e.to_string()]);
             return Some(id);
         }
         // The new config's on_reload hooks run before its workers replace the old ones.
         let on_reload = new.hooks.on_reload.clone();
         if !on_reload.is_empty() {
-            self.reload.pending = Some(new);
+            self.reload.pending = Some((id, new));
             self.start_hook_run(Point::OnReload, on_reload, vec![], now);
         } else {
-            self.apply_reload(new);
+            self.apply_reload(id, new);
         }
         Some(id)
     }
     /// A HUP whose config was refused: nothing changed; a reload still rolling out goes on.
-    fn reload_rejected(&mut self, why: String, errors: Vec<String>) {
-        self.reload.ended(Outcome::Rejected, Some(why.clone()), errors);
+    fn reload_rejected(&mut self, id: u64, why: String, errors: Vec<String>) {
+        self.reload.rejected(id, why.clone(), errors);
         self.reload.failure = Some(format!("reload rejected: {why}"));
         if !self.pool.reloading() && self.reload.pending.is_none() {
             self.reload_settled();
@@ -185,7 +217,7 @@ impl Master {
             self.systemd.ready(status);
         }
     }
-    fn apply_reload(&mut self, new: Config) {
+    fn apply_reload(&mut self, id: u64, new: Config) {
         self.pool.reload(new.workers.count, Policy::from_config(&new));
         self.singletons.reconfigure(&new.singleton, Instant::now());
         self.stems.reconfigure(&new.workers);
@@ -193,9 +225,7 @@ impl Master {
         // A reload superseding another keeps the last config that was fully rolled out.
         self.reload.rollback.get_or_insert(old);
         let generation = self.pool.generation();
-        if let Some(last) = self.reload.last.as_mut().filter(|l| l.outcome == Outcome::InProgress) {
-            last.generation = Some(generation);
-        }
+        self.reload.applied(id, generation);
         info!(generation = self.pool.generation(), workers = self.pool.target(), "HUP: reloading");
     }
     /// Makes the listeners match `new`: an unchanged address keeps its socket (a retired one
@@ -238,8 +268,8 @@ impl Master {
         if self.runs.iter().any(|r| r.point == Point::OnReload) {
             return;
         }
-        if let Some(new) = self.reload.pending.take().filter(|_| !self.stage.stopping()) {
-            self.apply_reload(new);
+        if let Some((id, new)) = self.reload.pending.take().filter(|_| !self.stage.stopping()) {
+            self.apply_reload(id, new);
         }
     }
 
@@ -248,7 +278,7 @@ impl Master {
         self.reload.rollback = None;
         self.reload.retired_listeners.clear();
         self.reload.failure = None;
-        self.reload.ended(Outcome::Done, None, vec![]);
+        self.reload.rollout_ended(Outcome::Done, None);
         info!(
             generation,
             workers = self.pool.target(),
@@ -261,7 +291,7 @@ impl Master {
     /// the config, the listeners and the singletons follow.
     pub(super) fn rolled_back(&mut self, failed: u64, to: u64, why: String, now: Instant) {
         error!(generation = failed, "{why}; generation {to} keeps serving");
-        self.reload.ended(Outcome::Undone, Some(why.clone()), vec![]);
+        self.reload.rollout_ended(Outcome::Undone, Some(why.clone()));
         self.reload.failure = Some(why);
         if let Some(old) = self.reload.rollback.take() {
             if let Err(e) = self.rebind(&old) {

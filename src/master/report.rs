@@ -56,7 +56,6 @@ impl Master {
             let _ = kill(pid, Signal::SIGUSR1);
         }
     }
-    /// What `STATUS=` says: the counts, and what is under way.
     /// The workers' stem (`preload = true`) is not ready yet.
     fn stem_loading(&self) -> bool {
         self.config.workers.preload && self.stems.ready(self.pool.generation()).is_none()
@@ -88,6 +87,7 @@ impl Master {
         }
     }
 
+    /// What `STATUS=` says: the counts, and what is under way.
     pub(super) fn status_line(&self) -> String {
         let (target, generation) = (self.pool.target(), self.pool.generation());
         let singletons = self.singletons.configured_count();

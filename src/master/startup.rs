@@ -83,7 +83,9 @@ fn start(mut config: Config, mut options: Options) -> Result<Master, MasterError
     tickets.add_servers(&mut config);
     // The control socket; with [metrics], its server reads it (a singleton, started first).
     let path = config.control.clone().unwrap_or_else(|| notify.dir().join(control::DEFAULT_NAME));
-    let control = Control::bind(&path).map_err(MasterError::setup("control socket"))?;
+    let readers =
+        owner.map(|(u, g): (nix::unistd::Uid, nix::unistd::Gid)| (u.as_raw(), g.as_raw()));
+    let control = Control::bind(&path, readers).map_err(MasterError::setup("control socket"))?;
     control::add_metrics_server(&mut config, control.path());
     let acquired = Acquired {
         watcher,
@@ -155,6 +157,8 @@ fn assemble(config: Config, options: Options, a: Acquired) -> Master {
         stems: super::Stems::new(&config.workers),
         stem_channels: BTreeMap::new(),
         unclaimed: Vec::new(),
+        early_notes: Vec::new(),
+        strays_until: None,
         control: Some(a.control),
         ledger: super::control_runs::Ledger::new(),
         singletons: Singletons::new(&config.singleton, now),

@@ -134,7 +134,9 @@ impl Master {
                 self.pool.spawn_failed(slot, why, now);
             }
             (Ok(_), None) => {
+                // Its socket is gone: the stem is killed, and spawns wait for the next one.
                 self.stems.answered(stem, id, false);
+                self.kill_stem_without_channel(stem);
             }
         }
     }
@@ -143,26 +145,39 @@ impl Master {
     pub(super) fn stem_io(&mut self) {
         let pids: Vec<Pid> = self.stem_channels.keys().copied().collect();
         for stem in pids {
-            let Some(channel) = self.stem_channels.get_mut(&stem) else { continue };
-            channel.flush();
-            let got = channel.receive();
-            let now = Instant::now();
-            for message in got.messages {
-                self.stem_message(stem, message, now);
+            self.stem_read(stem);
+            // A stem whose socket closed or failed serves no more: killed, and reaped as
+            // usual (its exit status says why it ended; spawns wait for the next stem).
+            if self.stem_channels.get(&stem).is_some_and(Channel::is_closed) {
+                self.stem_channels.remove(&stem);
+                self.kill_stem_without_channel(stem);
             }
-            if let Some(why) = got.broken {
-                let why = format!("the stem broke the protocol: {why}");
-                error!(pid = stem.as_raw(), "{why}; killing it");
-                if let Some(stems::Action::Signal { pid, signal, .. }) =
-                    self.stems.broken(stem, why)
-                {
-                    let _ = killpg(pid, signal);
-                }
-            }
-            // A closed end is seen again at the stem's exit; a stem that closed it and lives
-            // on is killed by its deadlines.
         }
-        self.stem_channels.retain(|_, c| !c.is_closed());
+    }
+
+    /// Flushes and reads stem `stem`'s socket, and acts on what it said.
+    pub(super) fn stem_read(&mut self, stem: Pid) {
+        let Some(channel) = self.stem_channels.get_mut(&stem) else { return };
+        channel.flush();
+        let got = channel.receive();
+        let now = Instant::now();
+        for message in got.messages {
+            self.stem_message(stem, message, now);
+        }
+        if let Some(why) = got.broken {
+            let why = format!("the stem broke the protocol: {why}");
+            error!(pid = stem.as_raw(), "{why}; killing it");
+            if let Some(stems::Action::Signal { pid, signal, .. }) = self.stems.broken(stem, why) {
+                let _ = killpg(pid, signal);
+            }
+        }
+    }
+
+    fn kill_stem_without_channel(&mut self, stem: Pid) {
+        if let Some(stems::Action::Signal { pid, signal, why }) = self.stems.lost_channel(stem) {
+            debug!(pid = pid.as_raw(), "killing the stem: {why}");
+            let _ = killpg(pid, signal);
+        }
     }
 
     fn stem_message(&mut self, stem: Pid, message: FromStem, now: Instant) {
@@ -214,25 +229,26 @@ impl Master {
     /// The stem reported the pid of a worker it forked.
     fn worker_forked(&mut self, request: Request, pid: Pid, now: Instant) {
         let Request { slot, generation, .. } = request;
-        let held = self.unclaimed.iter().position(|(p, ..)| *p == pid);
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < UNCLAIMED_HOLD;
+        let held = self.unclaimed.iter().position(|(p, _, at)| *p == pid && fresh(at));
         if let Some(i) = held {
             // It died before its pid came: accounted for as spawned, then reaped.
             let (_, status, _) = self.unclaimed.remove(i);
             self.watcher.watch(pid);
             self.pool.spawned(slot, generation, pid, now);
-            info!(
-                slot,
-                pid = pid.as_raw(),
-                generation,
-                "worker forked by the stem (already ended)"
-            );
+            let raw = pid.as_raw();
+            info!(slot, pid = raw, generation, by = "stem", "worker spawned (already ended)");
+            self.replay_notifications(pid);
             self.reaped(pid, status, now);
             return;
         }
         let master = nix::unistd::getpid().as_raw();
         let ours =
             Stat::read(pid.as_raw()).is_some_and(|s| s.ppid == master && s.pgrp == pid.as_raw());
-        let known = self.pool.workers().any(|(p, _)| p == pid);
+        // A pid the master already knows (a worker, a singleton, a hook, a stem) is not new.
+        let known = self.pool.workers().any(|(p, _)| p == pid)
+            || self.watcher.watches(pid)
+            || self.stems.contains(pid);
         if !ours || known {
             let why = format!(
                 "the stem reported pid {pid}, which is not a new child of the master leading its own process group; refused"
@@ -244,6 +260,57 @@ impl Master {
         self.watcher.watch(pid);
         info!(slot, pid = pid.as_raw(), generation, by = "stem", "worker spawned");
         self.pool.spawned(slot, generation, pid, now);
+        self.replay_notifications(pid);
+    }
+
+    /// A datagram from a process the master does not know yet, while fork answers are due:
+    /// a worker may say `READY=1` before its stem's answer is read. Held for
+    /// [`UNCLAIMED_HOLD`] (at most 1024 senders); returns whether it was.
+    pub(super) fn hold_notification(
+        &mut self,
+        pid: Pid,
+        messages: &[crate::notify::Message],
+        now: Instant,
+    ) -> bool {
+        self.early_notes.retain(|(_, _, at)| now.saturating_duration_since(*at) < UNCLAIMED_HOLD);
+        if !self.stems.requests_pending() || self.early_notes.len() >= 1024 {
+            return false;
+        }
+        self.early_notes.push((pid, messages.to_vec(), now));
+        true
+    }
+
+    /// The held datagrams of `pid`, now a known worker, handled in their order.
+    fn replay_notifications(&mut self, pid: Pid) {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.early_notes).into_iter().partition(|(p, ..)| *p == pid);
+        self.early_notes = rest;
+        for (_, messages, _) in mine {
+            self.on_notify(pid, messages);
+        }
+    }
+
+    /// Kills the children of the master that no one knows and that lead their own process
+    /// group: after a stem died with fork requests unanswered, a worker it forked may have
+    /// been reparented to the master without its pid ever being reported. Called when such a
+    /// stem is reaped, and when an unknown child is reaped soon after (its middle process,
+    /// whose worker is then the master's).
+    pub(super) fn kill_strays(&mut self) {
+        for pid in super::children::of(std::process::id()) {
+            let known = self.pool.workers().any(|(p, _)| p == pid)
+                || self.watcher.watches(pid)
+                || self.stems.contains(pid)
+                || Some(pid) == self.watcher.pid()
+                || super::children::is_zombie(pid);
+            let leads = Stat::read(pid.as_raw()).is_some_and(|s| s.pgrp == pid.as_raw());
+            if !known && leads {
+                warn!(
+                    pid = pid.as_raw(),
+                    "killing a worker its dead stem forked but never reported"
+                );
+                let _ = killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 
     /// A reaped stem.
@@ -251,6 +318,10 @@ impl Master {
         self.stem_channels.remove(&pid);
         for &slot in &end.lost {
             self.pool.request_lost(slot);
+        }
+        if !end.lost.is_empty() {
+            self.strays_until = Some(now + UNCLAIMED_HOLD);
+            self.kill_strays();
         }
         let Ended { generation, status, uptime, was_ready, why, restart_in, .. } = end;
         let uptime = humantime::format_duration(round_ms(uptime));

@@ -54,6 +54,8 @@ pub struct Stem {
     pub forks: u64,
     /// Why it is being killed or will fail, when the master knows better than its exit status.
     pub why: Option<String>,
+    /// It said `ready`.
+    pub was_ready: bool,
     requests: BTreeMap<u64, Request>,
 }
 
@@ -97,7 +99,8 @@ pub struct Stems {
     backoff: Backoff,
     /// No stem starts before this instant (after a death).
     not_before: Option<Instant>,
-    /// A start is under way (spawned, not yet reported).
+    /// The generation the backoff is counting for: a new wanted generation starts afresh.
+    backoff_generation: u64,
     generations_ever_ready: BTreeSet<u64>,
     next_id: u64,
 }
@@ -110,6 +113,7 @@ impl Stems {
             backoff_policy: workers.restart_backoff,
             backoff: Backoff::default(),
             not_before: None,
+            backoff_generation: 0,
             generations_ever_ready: BTreeSet::new(),
             next_id: 1,
         }
@@ -129,7 +133,7 @@ impl Stems {
         self.stems.is_empty()
     }
 
-    pub fn is_stem(&self, pid: Pid) -> bool {
+    pub fn contains(&self, pid: Pid) -> bool {
         self.stems.contains_key(&pid)
     }
 
@@ -149,14 +153,26 @@ impl Stems {
         self.stems.values().any(|s| !s.requests.is_empty())
     }
 
+    /// The backoff counts the deaths of `generation`'s stems: those of another generation's
+    /// say nothing of this one's.
+    fn backoff_for(&mut self, generation: u64) {
+        if generation != self.backoff_generation {
+            self.backoff_generation = generation;
+            self.backoff = Backoff::default();
+            self.not_before = None;
+        }
+    }
+
     /// A stem of `generation` was started as `pid`.
     pub fn spawned(&mut self, generation: u64, pid: Pid, now: Instant) {
+        self.backoff_for(generation);
         let stem = Stem {
             generation,
             started: now,
             life: Life::Starting { deadline: now + self.boot_timeout },
             forks: 0,
             why: None,
+            was_ready: false,
             requests: BTreeMap::new(),
         };
         self.stems.insert(pid, stem);
@@ -175,6 +191,7 @@ impl Stems {
             return false;
         }
         stem.life = Life::Ready;
+        stem.was_ready = true;
         self.generations_ever_ready.insert(stem.generation);
         true
     }
@@ -220,6 +237,18 @@ impl Stems {
         Some(Action::Signal { pid, signal: Signal::SIGKILL, why })
     }
 
+    /// The stem's socket is closed or failed while it lives: killed now, so that no request
+    /// waits on it (its exit status still says why it ended).
+    pub fn lost_channel(&mut self, pid: Pid) -> Option<Action> {
+        let stem = self.stems.get_mut(&pid)?;
+        if stem.life == (Life::Stopping { grace: Grace::Killed }) {
+            return None;
+        }
+        stem.life = Life::Stopping { grace: Grace::Killed };
+        let why = "its socket to the master is closed".to_owned();
+        Some(Action::Signal { pid, signal: Signal::SIGKILL, why })
+    }
+
     /// A child was reaped: `None` if it was not a stem.
     pub fn exited(
         &mut self,
@@ -229,8 +258,7 @@ impl Stems {
         now: Instant,
     ) -> Option<Ended> {
         let stem = self.stems.remove(&pid)?;
-        let was_ready = self.generations_ever_ready.contains(&stem.generation)
-            && !matches!(stem.life, Life::Starting { .. });
+        let was_ready = stem.was_ready;
         let stopped = matches!(stem.life, Life::Stopping { .. }) && stem.why.is_none();
         let restart_in = (wanted == Some(stem.generation)).then(|| {
             if !stopped {
@@ -258,7 +286,9 @@ impl Stems {
                 Life::Stopping { grace } => grace.kill_at(),
                 Life::Ready => None,
             };
-            life.into_iter().chain(s.requests.values().map(|r| r.deadline))
+            // Only a ready stem's requests can expire: a stopping one's go with it.
+            let requests = s.requests.values().filter(|_| s.life == Life::Ready);
+            life.into_iter().chain(requests.map(|r| r.deadline))
         });
         // A killed stem of the wanted generation is reaped before the next one starts.
         let start = wanted
@@ -271,6 +301,9 @@ impl Stems {
     /// the master stops or runs exec'd workers), `keep` the other generations still needed.
     pub fn step(&mut self, wanted: Option<u64>, keep: &BTreeSet<u64>, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        if let Some(generation) = wanted {
+            self.backoff_for(generation);
+        }
         let boot_timeout = self.boot_timeout;
         for (&pid, stem) in self.stems.iter_mut() {
             let expired = stem.requests.values().any(|r| r.deadline <= now);
@@ -456,5 +489,36 @@ mod tests {
             matches!(&actions[..], [Action::Signal { signal: Signal::SIGKILL, why, .. }] if why.contains("unanswered"))
         );
         assert_eq!(s.broken(p(10), "again".into()), None, "killed once");
+    }
+
+    #[test]
+    fn a_new_generation_starts_its_backoff_afresh_and_a_stopping_stems_requests_wake_no_one() {
+        let t0 = Instant::now();
+        let mut s = Stems::new(&workers());
+        // Generation 2's stem fails twice at once: the next would wait.
+        for pid in [20, 21] {
+            assert_eq!(
+                s.step(Some(2), &BTreeSet::new(), t0),
+                vec![Action::Spawn { generation: 2 }]
+            );
+            s.spawned(2, p(pid), t0);
+            s.exited(p(pid), ExitStatus::Code(1), Some(2), t0);
+        }
+        assert!(s.step(Some(2), &BTreeSet::new(), t0).is_empty(), "backing off");
+        // Generation 3 (the next reload) owes nothing to generation 2's failures.
+        assert_eq!(s.step(Some(3), &BTreeSet::new(), t0), vec![Action::Spawn { generation: 3 }]);
+        s.spawned(3, p(30), t0);
+        s.notified_ready(p(30));
+        s.request(0, 3, t0).unwrap();
+        // Its socket is lost: killed once, and its request's deadline no longer counts.
+        assert!(matches!(
+            s.lost_channel(p(30)),
+            Some(Action::Signal { signal: Signal::SIGKILL, .. })
+        ));
+        assert_eq!(s.lost_channel(p(30)), None);
+        assert_eq!(s.next_deadline(Some(3)), None, "nothing to wake up for until it is reaped");
+        let end = s.exited(p(30), ExitStatus::Signal(Signal::SIGKILL), Some(3), t0).unwrap();
+        assert!(end.was_ready && end.why.is_none(), "its exit status says why: {end:?}");
+        assert_eq!(end.lost, vec![0]);
     }
 }
