@@ -383,3 +383,107 @@ fn without_presup_the_app_runs_as_one_worker() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn workers_that_say_ready_before_their_stem_answers_still_come_up() {
+    // ready = "notify": each worker sends READY=1 at once, often before the master has read
+    // the stem's answer naming it; eight at once make that race certain to be run.
+    let dir = Dir::new();
+    dir.write(
+        "app.py",
+        "import time, presup\nworker = presup.stem()\npresup.notify('READY=1')\ntime.sleep(3600)\n",
+    );
+    let toml = config(8, "").replace("min_uptime = \"200ms\"", "ready = \"notify\"");
+    let mut p = Presup::start(&dir, &toml);
+    p.log.wait_for("ready: all workers up");
+    assert_eq!(p.log.count("boot_timeout"), 0, "{}", p.log.text());
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(), Some(0));
+}
+
+/// A stem that speaks the protocol by hand, with a flaw chosen by `FLAW`: `die` exits right
+/// after its first answer (the answer is still unread in its socket when it is reaped);
+/// `close` closes its socket after its first answer and lives on.
+const HOSTILE_STEM: &str = r#"import json, os, socket, sys, time
+with open("pids", "a") as f:
+    f.write(f"{os.getpid()}\n")
+s = socket.socket(fileno=int(os.environ["PRESUP_STEM_FD"]))
+s.send(json.dumps({"v": 1, "type": "ready"}).encode())
+answered = 0
+while True:
+    m = json.loads(s.recv(1 << 17))
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            s.close()
+            with open("pids", "a") as f:
+                f.write(f"{os.getpid()}\n")
+            os.environ.clear()
+            os.environ.update(m["env"])
+            while os.getppid() != int(os.environ["PRESUP_MASTER_PID"]):
+                time.sleep(0.001)
+            time.sleep(3600)
+            os._exit(0)
+        os.setpgid(pid, pid)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.close(w)
+    pid = int(os.read(r, 64))
+    os.close(r)
+    os.waitpid(middle, 0)
+    s.send(json.dumps({"v": 1, "type": "forked", "id": m["id"], "pid": pid}).encode())
+    answered += 1
+    if os.environ["FLAW"] == "die":
+        os._exit(0)
+    if os.environ["FLAW"] == "close":
+        s.close()
+        time.sleep(3600)
+"#;
+
+#[test]
+fn a_stem_that_dies_right_after_its_answer_leaves_one_accounted_worker() {
+    let dir = Dir::new();
+    dir.write("app.py", HOSTILE_STEM);
+    let toml = config(1, r#", FLAW = "die""#);
+    let mut p = Presup::start(&dir, &toml);
+    let master = p.master_pid();
+    // Its only worker was reported before the stem died: the pool has it, and slot 0 gets
+    // no second process (the next stems fork nothing more: the slot is up).
+    p.log.wait_for("ready: all workers up");
+    let worker = p.worker_pid(0, 1);
+    p.log.wait_for("stem exited (exited with code 0)");
+    let others: Vec<i32> = common::children_of(master)
+        .into_iter()
+        .filter(|&pid| pid != worker && pid != p.watcher_pid())
+        .filter(|&pid| {
+            common::cmdline(pid).contains("app.py")
+                && !p
+                    .log
+                    .text()
+                    .contains(&format!("stem spawned: `python3 app.py` loads the app pid={pid}"))
+        })
+        .collect();
+    assert!(others.is_empty(), "a worker nobody accounts for: {others:?}\n{}", p.log.text());
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(), Some(0));
+}
+
+#[test]
+fn a_stem_that_closes_its_socket_is_killed_and_the_master_stays_responsive() {
+    let dir = Dir::new();
+    dir.write("app.py", HOSTILE_STEM);
+    let mut p = Presup::start(&dir, &config(1, r#", FLAW = "close""#));
+    p.log.wait_for("ready: all workers up");
+    let first = p.worker_pid(0, 1);
+    // The stem is killed for its closed socket and a new one starts...
+    p.log.wait_for_nth("stem spawned", 2);
+    // ... and the master still reaps and answers: a killed worker is forked again.
+    kill(first, Signal::SIGKILL);
+    let again = p.worker_pid(0, 2);
+    assert_eq!(ppid(again), Some(p.master_pid()));
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(), Some(0), "{}", p.log.text());
+}
