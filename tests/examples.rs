@@ -579,7 +579,7 @@ fn gunicorn_serves_from_presup_workers_reloads_and_leaves_nothing() {
 
 /// Lays out `examples/<name>` for each of `names` in the test's dir as they are in the
 /// repository (an example may run another's files by path, `../scheduler/scheduler.py`), with
-/// what they share: `examples/presup_child.py`, and the Python client `python/`, which
+/// what they share: `examples/presup_child.py`, and the Python client `python/presup/`, which
 /// presup_child puts on the path. Returns the first example's directory.
 fn lay_out_examples(dir: &Dir, names: &[&str]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -588,7 +588,7 @@ fn lay_out_examples(dir: &Dir, names: &[&str]) -> PathBuf {
     }
     let shared = "examples/presup_child.py";
     std::fs::copy(root.join(shared), dir.join(shared)).unwrap();
-    copy_dir(&root.join("python"), &dir.join("python"));
+    copy_dir(&root.join("python/presup"), &dir.join("python/presup"));
     dir.join(&format!("examples/{}", names[0]))
 }
 
