@@ -49,7 +49,10 @@ pub fn check(args: &Args) -> ExitCode {
         Err(code) => return code,
     };
     match toml::to_string_pretty(&config) {
-        Ok(text) => {
+        Ok(mut text) => {
+            if config.workers.preload {
+                text.insert_str(0, &preload_note(&config));
+            }
             // A stdout that cannot be written (`presup check | head -1`) is not an error.
             let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
             Exit::Clean.into()
@@ -59,6 +62,19 @@ pub fn check(args: &Args) -> ExitCode {
             Exit::Failed.into()
         }
     }
+}
+
+/// What `preload = true` means for this config, as TOML comments above the resolved config.
+fn preload_note(config: &config::Config) -> String {
+    let command = config.workers.command.join(" ");
+    let n = config.workers.count;
+    format!(
+        "# preload = true: `{command}` runs once, as the stem: it loads the app, then calls\n\
+         # presup.stem() (the `presup` Python package), and each of the {n} workers is forked\n\
+         # from it, sharing the loaded app copy-on-write. A worker that dies is forked again in\n\
+         # milliseconds; HUP starts a new stem with the new code and replaces the workers from\n\
+         # it (undone if the new stem fails to load). Threads must start after stem() returns.\n"
+    )
 }
 
 /// Runs the master in the foreground until it stops; workers are exec'd from `[workers]

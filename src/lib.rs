@@ -44,6 +44,7 @@ pub mod prefork;
 pub mod procstat;
 pub mod signals;
 pub mod spawn;
+pub mod stem;
 pub mod systemd;
 pub mod ticket;
 pub mod watcher;

@@ -102,6 +102,9 @@ pub struct Workers {
     pub reload_batch: usize,
     /// The signals the master passes on to the workers when it receives them (only USR1).
     pub forward_signals: Vec<Signal>,
+    /// `command` runs once, as the *stem*, which loads the app and forks each worker when
+    /// the master asks (`crate::stem`).
+    pub preload: bool,
 }
 
 /// Exponential restart backoff, per slot.

@@ -43,7 +43,7 @@ mod keys {
     pub const LISTEN: &[&str] = &["name", "address", "backlog"];
     pub const WORKERS: &[&str] = &["command", "count", "env", "ready", "min_uptime",
         "boot_timeout", "watchdog", "stop_signal", "restart_backoff", "boot_attempts",
-        "reload_batch", "forward_signals"];
+        "reload_batch", "forward_signals", "preload"];
     pub const HOOK_POINTS: &[&str] = &["on_starting", "when_ready", "on_reload", "worker_exit",
         "on_exit"];
     pub const HOOK: &[&str] = &["command", "timeout", "retries", "env"];
@@ -177,7 +177,21 @@ fn read_workers(
         boot_attempts: t.get_or("boot_attempts", |v| v.u32(1..=u32::MAX), 5),
         reload_batch: t.get_or("reload_batch", |v| v.u32(1..=u32::MAX), 1) as usize,
         forward_signals: t.get("forward_signals", Item::forwarded).unwrap_or_default(),
+        preload: read_preload(&t, launch),
     }
+}
+
+/// `preload = true`: `command` runs once, as the stem, and the workers are forked from it. A
+/// program built on presup::prefork forks its workers from itself and has no stem.
+fn read_preload(t: &Table, launch: Launch) -> bool {
+    let Some(item) = t.opt("preload") else { return false };
+    let preload = item.bool().unwrap_or(false);
+    if preload && launch == Launch::Preload {
+        let message = "preload = true starts `command` once as a stem; a program built on \
+                       presup::prefork preloads in itself and has no `command`: remove the key";
+        item.error(message.to_owned());
+    }
+    preload
 }
 
 /// `count` (default 1; `"auto"` is `cpus`), overridden by `WEB_CONCURRENCY` when set.

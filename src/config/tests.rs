@@ -169,6 +169,7 @@ fn full_config_resolves_values_and_defaults() {
         boot_attempts: 3,
         reload_batch: 2,
         forward_signals: vec![Signal(nix::sys::signal::Signal::SIGUSR1)],
+        preload: false,
     };
     assert_eq!(c.workers, workers);
 
@@ -259,6 +260,7 @@ fn minimal_config_takes_the_defaults() {
         boot_attempts: 5,
         reload_batch: 1,
         forward_signals: vec![],
+        preload: false,
     };
     assert_eq!(c.workers, workers);
 }
@@ -316,7 +318,7 @@ buckets = "many"
         r#"graceful_timeout: line 1, column 20: expected a duration like "5s", found an integer"#,
         r#"listen[0].address: line 6, column 11: invalid address "example.com:80": the host must be an IP address or "localhost", not "example.com""#,
         r#"listen[0].backlog: line 7, column 11: expected an integer from 1 to 65535, found 0"#,
-        r#"workers.cout: line 10, column 1: unknown key "cout" (expected one of: command, count, env, ready, min_uptime, boot_timeout, watchdog, stop_signal, restart_backoff, boot_attempts, reload_batch, forward_signals)"#,
+        r#"workers.cout: line 10, column 1: unknown key "cout" (expected one of: command, count, env, ready, min_uptime, boot_timeout, watchdog, stop_signal, restart_backoff, boot_attempts, reload_batch, forward_signals, preload)"#,
         r#"workers.min_uptime: line 12, column 14: invalid duration "soon": expected number at 0"#,
         r#"workers.restart_backoff: line 13, column 19: initial (1m) is longer than max (30s)"#,
         r#"hooks.on_starting[0].command: line 16, column 28: empty command"#,

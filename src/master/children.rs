@@ -53,17 +53,21 @@ impl Inheritance {
         }
     }
 
-    pub fn worker(
+    /// A worker's complete environment, and the variables its spawn sets to its own pid.
+    pub fn worker_env(
         &self,
-        slot: usize,
-        count: usize,
-        generation: u64,
+        at: At,
         config: &Config,
         listeners: &[Listener],
-    ) -> Result<Pid, SpawnError> {
+    ) -> (Vec<(String, String)>, Vec<&'static str>) {
         let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
         let mut env = self.env(&config.workers.env);
-        env.worker(&WorkerVars { slot, count, generation, listener_names: &names });
+        env.worker(&WorkerVars {
+            slot: at.slot,
+            count: at.count,
+            generation: at.generation,
+            listener_names: &names,
+        });
         let mut pid_vars = Vec::new();
         if !names.is_empty() {
             pid_vars.push("LISTEN_PID");
@@ -72,10 +76,47 @@ impl Inheritance {
             env.set("WATCHDOG_USEC", every.as_micros());
             pid_vars.push("WATCHDOG_PID");
         }
+        (env.to_vec(), pid_vars)
+    }
+
+    pub fn worker(
+        &self,
+        at: At,
+        config: &Config,
+        listeners: &[Listener],
+    ) -> Result<Pid, SpawnError> {
+        let (env, pid_vars) = self.worker_env(at, config, listeners);
+        let setup = self.setup(config, pid_vars);
+        let command = Command::prepare(&config.workers.command, &env, &config.directory, &setup)?;
+        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        command.spawn(&fds)
+    }
+
+    /// The stem of `generation` (`preload = true`): `[workers] command` with the listeners at
+    /// fds 3.. as a worker has them and its end of the stem socket right after them, named by
+    /// `PRESUP_STEM_FD`; a worker's environment without the slot's own variables.
+    pub fn stem(
+        &self,
+        generation: u64,
+        count: usize,
+        config: &Config,
+        listeners: &[Listener],
+        socket: RawFd,
+    ) -> Result<Pid, SpawnError> {
+        let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+        let mut env = self.env(&config.workers.env);
+        env.set("PRESUP_GENERATION", generation).set("PRESUP_WORKER_COUNT", count);
+        let mut pid_vars = Vec::new();
+        if !names.is_empty() {
+            env.set("LISTEN_FDS", names.len()).set("LISTEN_FDNAMES", names.join(":"));
+            pid_vars.push("LISTEN_PID");
+        }
+        env.set(crate::stem::FD_VAR, 3 + names.len());
         let setup = self.setup(config, pid_vars);
         let command =
             Command::prepare(&config.workers.command, &env.to_vec(), &config.directory, &setup)?;
-        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        fds.push(socket);
         command.spawn(&fds)
     }
 

@@ -18,6 +18,8 @@ pub enum MasterError {
     Boot { command: String, slot: usize, attempts: u32, last: ExitStatus },
     #[error("on_starting hook `{command}` failed: {status}")]
     Hook { command: String, status: String },
+    #[error("the stem `{command}` could not start: {why}")]
+    Stem { command: String, why: String },
     #[error("singleton {name} could not start: {why}")]
     Singleton { name: String, why: String },
     #[error("cannot set up the master: {what}: {source}")]

@@ -34,6 +34,8 @@ pub enum Owner {
         index: usize,
     },
     Hook,
+    /// A stem (`preload = true`).
+    Stem,
     /// A child the master started that none of the above claims.
     Other,
 }

@@ -61,7 +61,7 @@ impl Master {
             Owner::Singleton { .. } => {
                 self.singletons.group_gone(pgid);
             }
-            Owner::Hook | Owner::Other => {}
+            Owner::Hook | Owner::Stem | Owner::Other => {}
         }
         debug!(pgid = pgid.as_raw(), "the process group of a {} {why}", self.owner_name(owner));
     }

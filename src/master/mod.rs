@@ -27,6 +27,8 @@ mod report;
 pub mod singletons;
 mod stage;
 mod startup;
+mod stem_runs;
+pub mod stems;
 pub mod stop;
 
 pub use crate::exit::Exit;
@@ -62,6 +64,7 @@ use reload::Reload;
 use report::{log_exit, log_singleton_exit, round_ms};
 use singletons::Singletons;
 use stage::Stage;
+use stems::Stems;
 use stop::{ExitStatus, FAST_STOP_GRACE};
 
 /// How the master was started: where its config lives and how to re-read it, and whether its
@@ -104,6 +107,12 @@ struct Master {
     groups: Groups,
     /// Told of every child's process group; kills them if the master is killed.
     watcher: Watcher,
+    /// The stems (`preload = true`), and the master's end of each one's socket.
+    stems: Stems,
+    stem_channels: BTreeMap<Pid, crate::stem::Channel>,
+    /// Reaped children nobody claimed while fork answers were due: a worker whose pid the
+    /// stem has not reported yet ([`stem_runs::UNCLAIMED_HOLD`]).
+    unclaimed: Vec<(Pid, ExitStatus, Instant)>,
 }
 
 impl Master {
@@ -125,6 +134,7 @@ impl Master {
             for (pid, messages) in self.notify.drain() {
                 self.on_notify(pid, messages);
             }
+            self.stem_io();
         }
     }
 
@@ -139,6 +149,7 @@ impl Master {
                 busy |= self.step_singletons(now);
             }
             if self.stage.runs_workers() {
+                busy |= self.step_stems(now);
                 busy |= self.step_pool(now);
             }
             busy |= self.advance(now);
@@ -155,7 +166,7 @@ impl Master {
             Stage::OnStarting if self.runs.iter().all(|r| r.point != Point::OnStarting) => {
                 Stage::Singletons
             }
-            Stage::StoppingWorkers if self.pool.is_done() => {
+            Stage::StoppingWorkers if self.pool.is_done() && self.stems.is_empty() => {
                 // A fast stop (INT/QUIT) of the workers is a fast stop of the singletons too.
                 let fast = self.pool.stage() == pool::Stage::Stopping { fast: true };
                 self.singletons.stop(fast, now);
@@ -245,6 +256,10 @@ impl Master {
         ];
         // Messages the watcher's full pipe did not take yet.
         fds.extend(self.watcher.pending().map(|fd| PollFd::new(fd, PollFlags::POLLOUT)));
+        for channel in self.stem_channels.values() {
+            let out = if channel.wants_write() { PollFlags::POLLOUT } else { PollFlags::empty() };
+            fds.push(PollFd::new(channel.as_fd(), PollFlags::POLLIN | out));
+        }
         let polled = nix::poll::poll(&mut fds, timeout);
         drop(fds);
         self.watcher.flush();
@@ -258,6 +273,7 @@ impl Master {
         let runs = self.runs.iter().filter_map(HookRun::next_deadline);
         let singletons = self.stage.runs_singletons().then(|| self.singletons.next_deadline());
         let pool = self.stage.runs_workers().then(|| self.pool.next_deadline());
+        let stems = self.stage.runs_workers().then(|| self.stems_deadline());
         // The sweep waits for SIGCHLD, with a fallback in case a child ignores nothing but
         // takes a moment to be reaped by the kernel.
         let sweep =
@@ -267,6 +283,7 @@ impl Master {
         let statuses = self.statuses.values().filter_map(StatusLog::due);
         runs.chain(singletons.flatten())
             .chain(pool.flatten())
+            .chain(stems.flatten())
             .chain(sweep)
             .chain(systemd)
             .chain(groups)
@@ -350,7 +367,10 @@ impl Master {
                 }
                 pool::Action::ReloadDone { generation } => self.reload_done(generation),
                 pool::Action::RolledBack { failed, to, slot, status } => {
-                    self.rolled_back(failed, to, slot, status, now)
+                    let why = format!(
+                        "reload to generation {failed} undone: slot {slot} {status} before it was up"
+                    );
+                    self.rolled_back(failed, to, why, now)
                 }
             }
         }
@@ -382,17 +402,21 @@ impl Master {
         fds.extend(self.pidfile.as_ref().and_then(Pidfile::raw_fd));
         fds.extend(self.watcher.raw_fds());
         fds.extend(self.tickets.raw_fds());
+        fds.extend(self.stem_channels.values().map(crate::stem::Channel::raw_fd));
         fds
     }
 
     fn spawn_worker(&mut self, slot: usize, generation: u64, now: Instant) {
+        if self.config.workers.preload {
+            return self.request_fork(slot, generation, now);
+        }
         let count = self.pool.target();
+        let at = children::At { slot, count, generation };
         let forked = self.options.in_process.as_ref().and_then(InProcess::worker);
         let result = match forked {
-            None => self.children.worker(slot, count, generation, &self.config, &self.listeners),
+            None => self.children.worker(at, &self.config, &self.listeners),
             Some(worker) => {
                 let close = self.own_fds();
-                let at = children::At { slot, count, generation };
                 self.children.forked_worker(at, &self.config, &self.listeners, worker, &close)
             }
         };
@@ -497,34 +521,7 @@ impl Master {
                     break;
                 }
             };
-            self.statuses.remove(&pid);
-            let now = Instant::now();
-            if let Some(exit) = self.pool.exited(pid, status.clone(), now) {
-                log_exit(&exit);
-                let owner = Owner::Worker { slot: exit.slot };
-                if self.group_ended(pid, owner, exit.group_grace, now) {
-                    self.pool.group_outlives(&exit, now);
-                }
-                self.worker_exit_hooks(&exit, now);
-            } else if let Some(exit) = self.singletons.exited(pid, status.clone(), now) {
-                let name = &self.singletons.entries()[exit.index].spec.name;
-                log_singleton_exit(name, pid, &exit);
-                let owner = Owner::Singleton { index: exit.index };
-                if self.group_ended(pid, owner, exit.group_grace, now) {
-                    self.singletons.group_outlives(exit.index, pid);
-                }
-            } else if self.hook_exited(pid, &status, now) {
-                self.group_ended(pid, Owner::Hook, None, now);
-            } else if self.watcher.watches(pid) {
-                // A child the master started that no owner claims any more (one that forgot it
-                // before it was reaped): its group still goes, as a crashed child's would.
-                self.group_ended(pid, Owner::Other, None, now);
-            } else if !self.watcher.exited(pid, &status.to_string()) {
-                debug!(
-                    pid = pid.as_raw(),
-                    "reaped a process that is not a child of presup's ({status})"
-                );
-            }
+            self.reaped(pid, status, Instant::now());
         }
         // Members of draining groups are reparented to the master: this may have emptied some.
         for pgid in self.groups.draining().collect::<Vec<_>>() {
@@ -533,6 +530,42 @@ impl Master {
                     self.release_group(pgid, owner, "is empty");
                 }
             }
+        }
+    }
+
+    /// What a reaped child was, and what its end means.
+    fn reaped(&mut self, pid: Pid, status: ExitStatus, now: Instant) {
+        self.statuses.remove(&pid);
+        if let Some(exit) = self.pool.exited(pid, status.clone(), now) {
+            log_exit(&exit);
+            let owner = Owner::Worker { slot: exit.slot };
+            if self.group_ended(pid, owner, exit.group_grace, now) {
+                self.pool.group_outlives(&exit, now);
+            }
+            self.worker_exit_hooks(&exit, now);
+        } else if let Some(exit) = self.singletons.exited(pid, status.clone(), now) {
+            let name = &self.singletons.entries()[exit.index].spec.name;
+            log_singleton_exit(name, pid, &exit);
+            let owner = Owner::Singleton { index: exit.index };
+            if self.group_ended(pid, owner, exit.group_grace, now) {
+                self.singletons.group_outlives(exit.index, pid);
+            }
+        } else if self.hook_exited(pid, &status, now) {
+            self.group_ended(pid, Owner::Hook, None, now);
+        } else if let Some(end) = self.stems.exited(pid, status.clone(), self.stem_wanted(), now) {
+            self.group_ended(pid, Owner::Stem, None, now);
+            self.stem_exited(pid, end, now);
+        } else if self.watcher.watches(pid) {
+            // A child the master started that no owner claims any more (one that forgot it
+            // before it was reaped): its group still goes, as a crashed child's would.
+            self.group_ended(pid, Owner::Other, None, now);
+        } else if !self.watcher.exited(pid, &status.to_string())
+            && !self.hold_unclaimed(pid, &status, now)
+        {
+            debug!(
+                pid = pid.as_raw(),
+                "reaped a process that is not a child of presup's ({status})"
+            );
         }
     }
 }

@@ -180,6 +180,9 @@ struct Slot {
     /// Failures to come up since the slot last had an up worker.
     boot_failures: u32,
     last_failure: Option<ExitStatus>,
+    /// A stem was asked to fork a worker of this generation for the slot and has not answered:
+    /// the slot gets no other spawn meanwhile (for slot 0, a process may be on its way).
+    requested: Option<u64>,
 }
 
 /// A generation the pool can go back to.
@@ -207,6 +210,8 @@ pub struct Pool {
     /// Forks failed for want of resources in a row, and no spawn before `forks_paused_until`.
     fork_failures: u32,
     forks_paused_until: Option<Instant>,
+    /// Spawns wait for something outside the pool (the stem of the generation to be ready).
+    held: bool,
 }
 
 impl Pool {
@@ -223,6 +228,7 @@ impl Pool {
             pending: Vec::new(),
             fork_failures: 0,
             forks_paused_until: None,
+            held: false,
         }
     }
 
@@ -244,7 +250,42 @@ impl Pool {
     }
     /// The master may exit: it is stopping and no worker is left.
     pub fn is_done(&self) -> bool {
-        matches!(self.stage, Stage::Stopping { .. }) && self.workers.is_empty()
+        matches!(self.stage, Stage::Stopping { .. })
+            && self.workers.is_empty()
+            && self.slots.iter().all(|s| s.requested.is_none())
+    }
+
+    /// The generation a reload would go back to, while one rolls out.
+    pub fn settled_generation(&self) -> Option<u64> {
+        self.rollout.as_ref().map(|s| s.generation)
+    }
+
+    /// Holds every spawn (or lets them go): the workers' stem is not ready.
+    pub fn hold_spawns(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// A stem was asked to fork the worker of `slot`: [`Pool::spawned`] or
+    /// [`Pool::spawn_failed`] follows, or [`Pool::request_lost`].
+    pub fn requested(&mut self, slot: usize, generation: u64) {
+        self.slot(slot).requested = Some(generation);
+    }
+
+    /// The stem asked for `slot` ended before it answered: the slot may be asked again, with
+    /// no failure counted (the worker was never started).
+    pub fn request_lost(&mut self, slot: usize) {
+        self.slot(slot).requested = None;
+    }
+
+    /// Undoes the reload under way because its generation cannot start at all (its stem
+    /// failed to load): returns the failed generation and the one the pool is back to.
+    pub fn abandon_reload(&mut self) -> Option<(u64, u64)> {
+        let settled = self.rollout.take()?;
+        let failed = self.generation;
+        self.generation = settled.generation;
+        self.target = settled.target;
+        self.policy = settled.policy;
+        Some((failed, settled.generation))
     }
 
     /// Changes the wanted number of workers (TTIN/TTOU); never below 1 nor above
@@ -348,6 +389,7 @@ impl Pool {
 
     /// A worker was forked for `slot` of `generation`.
     pub fn spawned(&mut self, slot: usize, generation: u64, pid: Pid, now: Instant) {
+        self.slot(slot).requested = None;
         self.fork_failures = 0;
         self.forks_paused_until = None;
         let wait =
@@ -364,6 +406,7 @@ impl Pool {
 
     /// Forking or exec'ing a worker for `slot` failed: a boot failure.
     pub fn spawn_failed(&mut self, slot: usize, why: String, now: Instant) {
+        self.slot(slot).requested = None;
         let status = ExitStatus::NotStarted(why);
         self.record_failure(slot, status.clone(), now, now, true);
         if self.rollout.is_some() {
@@ -490,6 +533,7 @@ impl Pool {
     fn needs_spawn(&self, slot: usize) -> bool {
         !matches!(self.stage, Stage::Stopping { .. })
             && slot < self.target
+            && self.slots.get(slot).map_or(true, |s| s.requested.is_none())
             && !self.in_slot(slot).any(|w| w.live() && w.generation == self.generation)
     }
 
@@ -508,7 +552,9 @@ impl Pool {
         // A blocked slot waits for an event (a reaping), not for its backoff instant; a pause
         // of every fork (out of processes) holds back every slot.
         let paused = self.forks_paused_until;
+        let held = self.held;
         let slots = (0..self.target)
+            .filter(|_| !held)
             .filter(|&s| self.needs_spawn(s) && !self.blocked(s))
             .filter_map(|s| self.slots.get(s).and_then(|x| x.not_before).max(paused));
         workers.chain(slots).min()
@@ -632,7 +678,7 @@ impl Pool {
     /// Spawns what the wanted state lacks: slots 1.. first, then slot 0 once the others have
     /// proved the generation; at most `reload_batch` slots replaced at once.
     fn spawn_missing(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        if self.forks_paused(now) {
+        if self.forks_paused(now) || self.held {
             return;
         }
         let mut replacing = (1..self.target).filter(|&s| self.is_replacing(s)).count();

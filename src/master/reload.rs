@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use tracing::{error, info};
 
-use super::stop::ExitStatus;
 use super::{Master, Stage};
 use crate::config::{self, Config};
 use crate::listener::{BindError, Listener};
@@ -104,6 +103,7 @@ impl Master {
     fn apply_reload(&mut self, new: Config) {
         self.pool.reload(new.workers.count, Policy::from_config(&new));
         self.singletons.reconfigure(&new.singleton, Instant::now());
+        self.stems.reconfigure(&new.workers);
         let old = std::mem::replace(&mut self.config, new);
         // A reload superseding another keeps the last config that was fully rolled out.
         self.reload.rollback.get_or_insert(old);
@@ -167,19 +167,10 @@ impl Master {
         self.reload_settled();
     }
 
-    /// A worker of generation `failed` could not come up in `slot`: the pool went back to
-    /// generation `to`; the config, the listeners and the singletons follow.
-    pub(super) fn rolled_back(
-        &mut self,
-        failed: u64,
-        to: u64,
-        slot: usize,
-        status: ExitStatus,
-        now: Instant,
-    ) {
-        let why =
-            format!("reload to generation {failed} undone: slot {slot} {status} before it was up");
-        error!(slot, generation = failed, "{why}; generation {to} keeps serving");
+    /// Generation `failed` could not come up (`why`): the pool went back to generation `to`;
+    /// the config, the listeners and the singletons follow.
+    pub(super) fn rolled_back(&mut self, failed: u64, to: u64, why: String, now: Instant) {
+        error!(generation = failed, "{why}; generation {to} keeps serving");
         self.reload.failure = Some(why);
         if let Some(old) = self.reload.rollback.take() {
             if let Err(e) = self.rebind(&old) {
@@ -188,6 +179,7 @@ impl Master {
             // What is left are the failed config's own new listeners.
             self.reload.retired_listeners.clear();
             self.singletons.reconfigure(&old.singleton, now);
+            self.stems.reconfigure(&old.workers);
             self.config = old;
         }
         self.reload_settled();

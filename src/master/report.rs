@@ -57,6 +57,11 @@ impl Master {
         }
     }
     /// What `STATUS=` says: the counts, and what is under way.
+    /// The workers' stem (`preload = true`) is not ready yet.
+    fn stem_loading(&self) -> bool {
+        self.config.workers.preload && self.stems.ready(self.pool.generation()).is_none()
+    }
+
     pub(super) fn status_line(&self) -> String {
         let (target, generation) = (self.pool.target(), self.pool.generation());
         let singletons = self.singletons.configured_count();
@@ -73,7 +78,13 @@ impl Master {
         match self.stage {
             Stage::OnStarting => "running the on_starting hooks".to_owned(),
             Stage::Singletons => format!("starting singletons: {singletons_up}/{singletons} ready"),
+            Stage::Workers if self.stem_loading() => {
+                format!("the stem loads the app: {counts}")
+            }
             Stage::Workers => format!("starting workers: {counts}"),
+            Stage::Running if self.pool.reloading() && self.stem_loading() => {
+                format!("reloading: the new stem loads the app: {counts}")
+            }
             Stage::Running if self.pool.reloading() || self.reload.waiting() => {
                 format!("reloading: {counts}")
             }
@@ -141,6 +152,7 @@ impl Master {
                 None => "singleton".to_owned(),
             },
             Owner::Hook => "hook".to_owned(),
+            Owner::Stem => "stem".to_owned(),
             Owner::Other => "child".to_owned(),
         }
     }

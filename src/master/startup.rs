@@ -137,6 +137,9 @@ fn assemble(config: Config, options: Options, a: Acquired) -> Master {
         HookRun::new(Point::OnStarting, config.hooks.on_starting.clone(), vec![], now);
     Master {
         pool: Pool::new(config.workers.count, Policy::from_config(&config)),
+        stems: super::Stems::new(&config.workers),
+        stem_channels: BTreeMap::new(),
+        unclaimed: Vec::new(),
         singletons: Singletons::new(&config.singleton, now),
         runs: vec![on_starting],
         stage: Stage::OnStarting,

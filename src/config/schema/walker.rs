@@ -217,6 +217,13 @@ impl<'a> Item<'a> {
         u32::try_from(n).ok()
     }
 
+    pub fn bool(&self) -> Option<bool> {
+        match self.value() {
+            DeValue::Boolean(b) => Some(*b),
+            _ => self.expected("true or false"),
+        }
+    }
+
     /// One of a few strings.
     pub fn one_of(&self, choices: &[&'static str]) -> Option<&'static str> {
         let s = self.value().as_str();
