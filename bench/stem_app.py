@@ -10,9 +10,10 @@ The same file for each server measured, one request at a time per worker:
 - gunicorn: `gunicorn --preload -w N stem_app:app` (sync workers; with --preload the import,
   and so the objects, happen once in gunicorn's master);
 - presup: `python3 stem_app.py` as `[workers] command`, served by the standard library's
-  wsgiref on presup's listener. With `preload = true` it is the stem: the import happens once
-  and `presup.stem()` forks the workers; with `preload = false` every worker runs it, and
-  builds its own objects.
+  wsgiref on presup's listener (with examples/presup_child.py's accept loop, which finishes the
+  request in hand on TERM). With `preload = true` it is the stem: the import happens once and
+  `presup.stem()` forks the workers; with `preload = false` every worker runs it, and builds
+  its own objects. Either way the worker says READY=1 (`ready = "notify"`) once it serves.
 STEM_BENCH_ENTRIES (default 1300000) sets the size: about 160 bytes of objects per entry.
 """
 
@@ -49,8 +50,12 @@ def hold(body, sock):
 
 
 def serve(listener):
-    """wsgiref's server on presup's listener, one request at a time, until killed."""
+    """wsgiref's server on presup's listener, one request at a time, with examples/
+    presup_child.py's accept loop: on TERM it finishes the request in hand, then exits, as a
+    gunicorn sync worker does (a reload then loses no request)."""
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    import presup_child
 
     class Handler(WSGIRequestHandler):
         def get_environ(self):
@@ -67,13 +72,17 @@ def serve(listener):
     server.server_name, server.server_port = listener.getsockname()[:2]
     server.setup_environ()
     server.set_app(app)
-    server.serve_forever()
+    presup_child.serve(server)
 
 
 if __name__ == "__main__":
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "python"))  # the client, python/presup
+    sys.path.insert(0, os.path.join(root, "examples"))  # presup_child (which adds python/)
+    import wsgiref.simple_server  # noqa: F401  (imported here, before the fork, as gunicorn's are)
+
+    import presup_child  # noqa: F401, I001  (first: it puts python/ on the path)
     import presup
 
     worker = presup.stem()  # stem: forks the workers, never returns; exec'd: returns at once
+    presup.ready()  # [workers] ready = "notify": up once the objects are built
     serve(worker.listeners[0])
