@@ -21,16 +21,19 @@
 //! [`watcher`] kills what a master killed with `kill -9` leaves behind; [`worker`] is what a
 //! preloaded program hands the master and what its forked workers are given; [`exit`] is the
 //! table of exit codes; [`cli`] runs the
-//! master from the command line, and [`prefork`] is presup as a library on top of it.
+//! master from the command line, [`client`] is `presup status` and the other commands of the
+//! control socket, and [`prefork`] is presup as a library on top of [`cli`].
 //!
 //! Layers, each importing only from those before it: [`config`], [`directory`], [`systemd`],
 //! [`signals`], [`spawn`], [`notify`], [`environment`], [`logs`], [`backoff`]; then
 //! [`listener`], [`pidfile`], [`ticket`], [`watcher`], [`worker`]; then [`master`]; then
-//! [`cli`]; then [`prefork`] and the `presup` binary.
+//! [`cli`] and [`client`]; then [`prefork`] and the `presup` binary.
 
 pub mod backoff;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod directory;
 pub mod environment;
 pub mod exit;

@@ -1,4 +1,5 @@
-//! The `presup` command: the master (`presup -c FILE`) and its subcommands. The options and
+//! The `presup` command: the master (`presup -c FILE`) and its subcommands (`check`,
+//! `ticket`, and the control socket's `status`, `reload`, `stop`, `scale`, `restart`). The options and
 //! what running the master means live in [`presup::cli`], shared with programs built on
 //! [`presup::prefork`].
 
@@ -26,6 +27,9 @@ enum Command {
     /// Wait for a turn of ticket NAME (exit 0 once granted, 1 past --timeout), in a child of
     /// presup, which finds it through PRESUP_TICKET_<NAME>.
     Ticket(presup::ticket::cli::TicketArgs),
+    /// The control socket's commands: status, reload, stop, scale, restart.
+    #[command(flatten)]
+    Control(presup::client::Command),
     /// The HTTP server of a ticket, run by the master (gateway-queue's protocol).
     #[command(hide = true)]
     TicketServer(presup::ticket::cli::ServerArgs),
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => cli::check(&cli.args),
         Some(Command::Ticket(t)) => t.run(),
+        Some(Command::Control(c)) => presup::client::run(&cli.args.config, c),
         Some(Command::TicketServer(s)) => s.run(&cli.args.log_level, cli.args.log_format),
         None => cli::run(&cli.args, None),
     }

@@ -21,6 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::unistd::Pid;
 
@@ -79,6 +80,7 @@ pub struct Command {
     umask: Option<u32>,
     credentials: Option<Credentials>,
     cgroup_procs: Option<RawFd>,
+    cgroup_dir: Option<RawFd>,
 }
 
 /// How every child of a kind is set up, beyond its command and environment.
@@ -92,6 +94,10 @@ pub struct Setup {
     pub credentials: Option<Credentials>,
     /// The children's cgroup's `cgroup.procs` (open for writing): the child joins it first.
     pub cgroup_procs: Option<RawFd>,
+    /// The children's cgroup's directory: an exec'd child is made in it with
+    /// `clone3(CLONE_INTO_CGROUP)` where the kernel can, and joins it through `cgroup_procs`
+    /// where it cannot.
+    pub cgroup_dir: Option<RawFd>,
 }
 
 /// The user and groups a child runs as.
@@ -224,6 +230,7 @@ impl Command {
             umask: setup.umask,
             credentials: setup.credentials.clone(),
             cgroup_procs: setup.cgroup_procs,
+            cgroup_dir: setup.cgroup_dir,
         })
     }
 
@@ -255,8 +262,25 @@ impl Command {
             parent: nix::unistd::getpid().as_raw(),
             report: err_write.as_raw_fd(),
         };
-        // SAFETY: in the child, on memory prepared before the fork.
-        let pid = fork_blocked(|| unsafe { child_main(&child) }).map_err(SpawnError::Fork)?;
+        let pid = match self.cgroup_dir.filter(|_| CLONE3_INTO_CGROUP.load(Ordering::Relaxed)) {
+            // Made in the cgroup: no write to cgroup.procs, which after an idle spell costs
+            // the child an RCU grace period (~15 ms) on its way to exec.
+            Some(dir) => {
+                let plan = ChildPlan { cgroup_procs: None, ..child };
+                // SAFETY: in the child, on memory prepared before the clone.
+                match clone3_blocked(dir, || unsafe { child_main(&plan) }) {
+                    Ok(pid) => pid,
+                    Err(e) if clone3_unsupported(&e) => {
+                        CLONE3_INTO_CGROUP.store(false, Ordering::Relaxed);
+                        // SAFETY: as below.
+                        fork_blocked(|| unsafe { child_main(&child) }).map_err(SpawnError::Fork)?
+                    }
+                    Err(e) => return Err(SpawnError::Fork(e)),
+                }
+            }
+            // SAFETY: in the child, on memory prepared before the fork.
+            None => fork_blocked(|| unsafe { child_main(&child) }).map_err(SpawnError::Fork)?,
+        };
         drop(err_write);
         match read_report(err_read) {
             None => Ok(pid),
@@ -328,6 +352,101 @@ struct ChildPlan<'a> {
 /// Forks with every signal blocked (so no handler of the master runs in the child before its
 /// dispositions are reset) and runs `child` in the child; returns the child's pid in the master.
 fn fork_blocked(child: impl FnOnce()) -> io::Result<Pid> {
+    with_signals_blocked(|| {
+        // SAFETY: the master is single-threaded (checked at startup and before each child's
+        // fork), so the child is a faithful copy; the child runs only `child_main`, which
+        // makes async-signal-safe calls and never returns.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            child();
+            // SAFETY: `child` never returns; if it did, the child must not go on as the master.
+            unsafe { libc::_exit(127) }
+        }
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pid::from_raw(pid))
+    })
+}
+
+/// Whether `clone3(CLONE_INTO_CGROUP)` worked so far (cleared at its first refusal: an old
+/// kernel, a seccomp filter, a cgroup it does not apply to).
+static CLONE3_INTO_CGROUP: AtomicBool = AtomicBool::new(true);
+
+/// The errors that say `clone3(CLONE_INTO_CGROUP)` cannot be used here, rather than that a
+/// process cannot be made now.
+fn clone3_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOSYS
+                | libc::EINVAL
+                | libc::E2BIG
+                | libc::EPERM
+                | libc::EOPNOTSUPP
+                | libc::EBUSY
+        )
+    )
+}
+
+/// The kernel's `struct clone_args` up to `cgroup` (its version 2, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+const SYS_CLONE3: libc::c_long = 435;
+
+/// [`fork_blocked`], with the child made in the cgroup whose directory is `cgroup`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+fn clone3_blocked(cgroup: RawFd, child: impl FnOnce()) -> io::Result<Pid> {
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup as u64,
+        ..CloneArgs::default()
+    };
+    with_signals_blocked(|| {
+        // SAFETY: like fork (no CLONE_VM, no new stack: the child runs on a copy of this one),
+        // in a single-threaded master, so the child is a faithful copy; it runs only
+        // `child_main`, which makes raw system calls (none that reads glibc's thread
+        // bookkeeping, which a raw clone3 does not update) and never returns.
+        let pid = unsafe {
+            libc::syscall(SYS_CLONE3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
+        };
+        if pid == 0 {
+            child();
+            // SAFETY: `child` never returns; if it did, the child must not go on as the master.
+            unsafe { libc::_exit(127) }
+        }
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pid::from_raw(pid as i32))
+    })
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
+fn clone3_blocked(_cgroup: RawFd, _child: impl FnOnce()) -> io::Result<Pid> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// Runs `f` with every signal blocked, then restores the mask.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write the given sets.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -337,24 +456,12 @@ fn fork_blocked(child: impl FnOnce()) -> io::Result<Pid> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: the master is single-threaded (checked at startup and before each child's
-    // fork), so the child is a faithful copy; the child runs only `child_main`, which makes
-    // async-signal-safe calls and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        child();
-        // SAFETY: `child` never returns; if it did, the child must not go on as the master.
-        unsafe { libc::_exit(127) }
-    }
-    let err = io::Error::last_os_error();
+    let out = f();
     // SAFETY: restores the mask saved above.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
-    if pid < 0 {
-        return Err(err);
-    }
-    Ok(Pid::from_raw(pid))
+    out
 }
 
 /// The child between fork and exec. Only async-signal-safe calls; never returns.
@@ -730,7 +837,7 @@ mod tests {
         let other = std::thread::spawn(move || wait.recv());
         let threads = thread_count();
         assert!(threads >= 2, "{threads}");
-        let setup = Setup { pid_vars: vec![], umask: None, credentials: None, cgroup_procs: None };
+        let setup = Setup::default();
         let argv = ["true".to_owned()];
         let exec = Command::prepare(&argv, &[], Path::new("/"), &setup).unwrap().spawn(&[]);
         let forked = fork_call(Path::new("/"), &setup, &[], || 0);

@@ -223,7 +223,8 @@ impl Watcher {
     /// The master's fds that a child forked without exec must close.
     pub fn raw_fds(&self) -> Vec<RawFd> {
         let pipe = self.pipe.as_ref().map(AsRawFd::as_raw_fd);
-        pipe.into_iter().chain(self.cgroup.as_ref().map(Cgroup::procs_fd)).collect()
+        let cgroup = self.cgroup.iter().flat_map(|c| [c.procs_fd(), c.dir_fd()]);
+        pipe.into_iter().chain(cgroup).collect()
     }
 
     /// A child's process group, to be killed if the master dies.

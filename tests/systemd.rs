@@ -350,3 +350,19 @@ fn the_example_units_pass_systemd_analyze_verify() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
+
+#[test]
+fn a_workers_status_text_reaches_systemds_status_line() {
+    let dir = Dir::new();
+    // The datagram comes from the worker process itself (python3 replaces the shell).
+    dir.script(
+        "worker.sh",
+        "exec python3 -c \"import os, socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.sendto(b'STATUS=serving 42 requests', os.environ['NOTIFY_SOCKET'])\ntime.sleep(1000)\"",
+    );
+    dir.write("supervisor.toml", &config("./worker.sh", "").replace("count = 2", "count = 1"));
+    let systemd = FakeSystemd::new(&dir);
+    let presup = Presup::start_with(&dir, &[], &[systemd.env()]);
+    systemd
+        .until("STATUS=1/1 workers, 0/0 singletons, generation 1; slot 0: \"serving 42 requests\"");
+    drop(presup);
+}

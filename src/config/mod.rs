@@ -47,6 +47,19 @@ pub struct Config {
     pub hooks: Hooks,
     pub singleton: Vec<Singleton>,
     pub tickets: BTreeMap<String, Ticket>,
+    /// The control socket (`presup status`, ...): `control.sock` in the master's runtime
+    /// directory when unset.
+    #[serde(serialize_with = "lossy_opt")]
+    pub control: Option<PathBuf>,
+    /// `[metrics]`: Prometheus' `/metrics`, served by a singleton the master runs.
+    pub metrics: Option<Metrics>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Metrics {
+    /// The TCP address `/metrics` is served on.
+    pub http: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

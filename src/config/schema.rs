@@ -21,8 +21,8 @@ use toml::Spanned;
 use self::walker::{all, Item, Table, Walker};
 use super::validate::{self, Origins};
 use super::{
-    default_margin, Address, Backoff, Config, ConfigError, Hook, Hooks, Launch, Listen, Ready,
-    Restart, Signal, Singleton, Ticket, Workers, MAX_BUCKETS, MAX_DAILY_LIMIT, MAX_WORKERS,
+    default_margin, Address, Backoff, Config, ConfigError, Hook, Hooks, Launch, Listen, Metrics,
+    Ready, Restart, Signal, Singleton, Ticket, Workers, MAX_BUCKETS, MAX_DAILY_LIMIT, MAX_WORKERS,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -39,7 +39,8 @@ const DEFAULT_BACKOFF: Backoff = Backoff {
 #[rustfmt::skip]
 mod keys {
     pub const TOP: &[&str] = &["pidfile", "graceful_timeout", "directory", "user", "group",
-        "umask", "listen", "workers", "hooks", "singleton", "tickets"];
+        "umask", "listen", "workers", "hooks", "singleton", "tickets", "control", "metrics"];
+    pub const METRICS: &[&str] = &["http"];
     pub const LISTEN: &[&str] = &["name", "address", "backlog"];
     pub const WORKERS: &[&str] = &["command", "count", "env", "ready", "min_uptime",
         "boot_timeout", "watchdog", "stop_signal", "restart_backoff", "boot_attempts",
@@ -125,6 +126,10 @@ fn read_config(
         hooks: hooks.map_or_else(Hooks::default, |h| read_hooks(&h)),
         singleton: singleton.into_iter().map(|(_, s)| s).collect(),
         tickets,
+        control: t.get("control", |v| v.str().and_then(|s| v.unix_path(s))),
+        metrics: t
+            .get("metrics", |v| v.table(keys::METRICS))
+            .and_then(|m| Some(Metrics { http: m.require("http", Item::socket_addr)? })),
     };
     (config, origins)
 }

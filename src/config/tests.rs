@@ -334,7 +334,7 @@ buckets = "many"
 #[test]
 fn unknown_keys_name_the_valid_ones() {
     let text = "graceful = \"1s\"\n[workers]\ncommand = [\"a\"]\n";
-    let expected = r#"graceful: line 1, column 1: unknown key "graceful" (expected one of: pidfile, graceful_timeout, directory, user, group, umask, listen, workers, hooks, singleton, tickets)"#;
+    let expected = r#"graceful: line 1, column 1: unknown key "graceful" (expected one of: pidfile, graceful_timeout, directory, user, group, umask, listen, workers, hooks, singleton, tickets, control, metrics)"#;
     assert_eq!(printed(text), [expected]);
 
     let text =

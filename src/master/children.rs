@@ -33,6 +33,8 @@ pub struct Inheritance {
     pub credentials: Option<Credentials>,
     /// The children's cgroup's `cgroup.procs`, when the master has one.
     pub cgroup_procs: Option<RawFd>,
+    /// The children's cgroup's directory, to make exec'd children in it.
+    pub cgroup_dir: Option<RawFd>,
 }
 
 impl Inheritance {
@@ -50,6 +52,7 @@ impl Inheritance {
             umask: config.umask,
             credentials: self.credentials.clone(),
             cgroup_procs: self.cgroup_procs,
+            cgroup_dir: self.cgroup_dir,
         }
     }
 

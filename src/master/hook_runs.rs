@@ -90,6 +90,7 @@ impl Master {
     }
     pub(super) fn hook_run_done(&mut self, run: HookRun, now: Instant) {
         let point = run.point;
+        self.ledger.hook_run(point.name(), run.failure().is_none());
         if let Some((index, outcome)) = run.failure() {
             let command = run.hooks[*index].command.join(" ");
             if point == Point::OnStarting && !self.stage.stopping() {

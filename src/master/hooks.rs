@@ -95,6 +95,8 @@ pub struct HookRun {
     failure: Option<(usize, Ended)>,
     /// Whether the master asked the run to stop (a stop during `on_starting`).
     abandoned: bool,
+    /// When the command running now started.
+    pub since: Option<Instant>,
 }
 
 impl HookRun {
@@ -105,7 +107,17 @@ impl HookRun {
         now: Instant,
     ) -> HookRun {
         let life = if hooks.is_empty() { Life::Done } else { Life::Pending { not_before: now } };
-        HookRun { point, hooks, env, index: 0, attempt: 0, life, failure: None, abandoned: false }
+        HookRun {
+            point,
+            hooks,
+            env,
+            index: 0,
+            attempt: 0,
+            life,
+            failure: None,
+            abandoned: false,
+            since: None,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -115,6 +127,11 @@ impl HookRun {
     /// The failed command and how it ended, once a command failed after all its retries.
     pub fn failure(&self) -> Option<&(usize, Ended)> {
         self.failure.as_ref()
+    }
+
+    /// The command of the hook running now, or next.
+    pub fn command(&self) -> Option<&[String]> {
+        self.hooks.get(self.index).map(|h| h.command.as_slice())
     }
 
     pub fn pid(&self) -> Option<Pid> {
@@ -148,6 +165,7 @@ impl HookRun {
     pub fn spawned(&mut self, pid: Pid, now: Instant) {
         let grace = Grace::Until(now + self.hooks[self.index].timeout);
         self.life = Life::Running { pid, grace };
+        self.since = Some(now);
     }
 
     /// The current command ended (or could not be spawned). Returns the outcome as logged.

@@ -15,6 +15,7 @@
 //! happens).
 
 mod children;
+mod control_runs;
 mod error;
 pub mod groups;
 mod hook_runs;
@@ -113,6 +114,9 @@ struct Master {
     /// Reaped children nobody claimed while fork answers were due: a worker whose pid the
     /// stem has not reported yet ([`stem_runs::UNCLAIMED_HOLD`]).
     unclaimed: Vec<(Pid, ExitStatus, Instant)>,
+    /// The control socket (`presup status`, ...), and what it reports beyond the live state.
+    control: Option<crate::control::Control>,
+    ledger: control_runs::Ledger,
 }
 
 impl Master {
@@ -135,12 +139,14 @@ impl Master {
                 self.on_notify(pid, messages);
             }
             self.stem_io();
+            self.control_io();
         }
     }
 
     /// Steps everything the stage allows until nothing more is due right now.
     fn perform_due_actions(&mut self) {
         self.flush_statuses(Instant::now());
+        self.check_restarts();
         loop {
             let now = Instant::now();
             let mut busy = self.step_groups(now);
@@ -256,6 +262,12 @@ impl Master {
         ];
         // Messages the watcher's full pipe did not take yet.
         fds.extend(self.watcher.pending().map(|fd| PollFd::new(fd, PollFlags::POLLOUT)));
+        if let Some(control) = &self.control {
+            for (fd, out) in control.poll_fds() {
+                let flags = if out { PollFlags::POLLOUT } else { PollFlags::POLLIN };
+                fds.push(PollFd::new(fd, flags));
+            }
+        }
         for channel in self.stem_channels.values() {
             let out = if channel.wants_write() { PollFlags::POLLOUT } else { PollFlags::empty() };
             fds.push(PollFd::new(channel.as_fd(), PollFlags::POLLIN | out));
@@ -281,6 +293,7 @@ impl Master {
         let systemd = self.systemd.next_deadline();
         let groups = self.groups.next_deadline();
         let statuses = self.statuses.values().filter_map(StatusLog::due);
+        let control = self.control.as_ref().and_then(crate::control::Control::next_deadline);
         runs.chain(singletons.flatten())
             .chain(pool.flatten())
             .chain(stems.flatten())
@@ -288,6 +301,7 @@ impl Master {
             .chain(systemd)
             .chain(groups)
             .chain(statuses)
+            .chain(control)
             .min()
     }
 
@@ -403,6 +417,7 @@ impl Master {
         fds.extend(self.watcher.raw_fds());
         fds.extend(self.tickets.raw_fds());
         fds.extend(self.stem_channels.values().map(crate::stem::Channel::raw_fd));
+        fds.extend(self.control.iter().flat_map(crate::control::Control::raw_fds));
         fds
     }
 
@@ -454,7 +469,9 @@ impl Master {
                 info!(signal = ?event, "fast stop");
                 self.stop(true, now);
             }
-            Event::Hup => self.reload(now),
+            Event::Hup => {
+                self.reload(now);
+            }
             Event::Ttin | Event::Ttou if self.pool.target() == 0 => {
                 warn!(signal = ?event, "this master runs no workers (count = 0); ignored");
             }
@@ -538,6 +555,7 @@ impl Master {
         self.statuses.remove(&pid);
         if let Some(exit) = self.pool.exited(pid, status.clone(), now) {
             log_exit(&exit);
+            self.ledger.worker_exit(&exit);
             let owner = Owner::Worker { slot: exit.slot };
             if self.group_ended(pid, owner, exit.group_grace, now) {
                 self.pool.group_outlives(&exit, now);
@@ -546,6 +564,7 @@ impl Master {
         } else if let Some(exit) = self.singletons.exited(pid, status.clone(), now) {
             let name = &self.singletons.entries()[exit.index].spec.name;
             log_singleton_exit(name, pid, &exit);
+            self.ledger.singleton_exit(name, &exit);
             let owner = Owner::Singleton { index: exit.index };
             if self.group_ended(pid, owner, exit.group_grace, now) {
                 self.singletons.group_outlives(exit.index, pid);

@@ -108,11 +108,18 @@ pub struct Worker {
     pub started: Instant,
     pub stop_signal: Signal,
     pub life: Life,
+    /// Asked to be replaced (`presup restart SLOT`): a new worker starts in its slot, and it
+    /// is stopped once that one is up (slot 0: stopped first, the primary rule).
+    pub superseded: bool,
 }
 
 impl Worker {
     fn live(&self) -> bool {
         !matches!(self.life, Life::Stopping { .. } | Life::Draining)
+    }
+    /// A worker of `generation` that is not to be replaced.
+    fn current(&self, generation: u64) -> bool {
+        self.generation == generation && !self.superseded
     }
     pub fn up(&self) -> bool {
         matches!(self.life, Life::Up { .. })
@@ -371,6 +378,30 @@ impl Pool {
         }
     }
 
+    /// Replaces the live worker of `slot` (`presup restart SLOT`): its replacement starts and
+    /// it is retired once that one is up, as in a reload. False if the slot is not wanted.
+    pub fn restart_slot(&mut self, slot: usize) -> bool {
+        if slot >= self.target || matches!(self.stage, Stage::Stopping { .. }) {
+            return false;
+        }
+        let generation = self.generation;
+        for w in self.workers.values_mut() {
+            if w.slot == slot && w.live() && w.generation == generation {
+                w.superseded = true;
+            }
+        }
+        true
+    }
+
+    /// Whether `slot` has an up worker of the current generation that is not to be replaced.
+    pub fn slot_up(&self, slot: usize) -> Option<Pid> {
+        let generation = self.generation;
+        self.workers
+            .iter()
+            .find(|(_, w)| w.slot == slot && w.current(generation) && w.up())
+            .map(|(p, _)| *p)
+    }
+
     /// Forking a worker failed for want of resources (EAGAIN at the process limit, ENOMEM,
     /// EMFILE): no worker is spawned, in any slot, for the returned wait, which doubles with
     /// each such failure in a row (`restart_backoff`'s `initial` up to `max`) until a fork
@@ -400,6 +431,7 @@ impl Pool {
             started: now,
             stop_signal: self.policy.stop_signal,
             life: Life::Starting { deadline: now + wait },
+            superseded: false,
         };
         self.workers.insert(pid, worker);
     }
@@ -481,6 +513,7 @@ impl Pool {
             started: now,
             stop_signal: self.policy.stop_signal,
             life: Life::Draining,
+            superseded: false,
         };
         self.workers.insert(exit.pid, worker);
     }
@@ -534,7 +567,7 @@ impl Pool {
         !matches!(self.stage, Stage::Stopping { .. })
             && slot < self.target
             && self.slots.get(slot).map_or(true, |s| s.requested.is_none())
-            && !self.in_slot(slot).any(|w| w.live() && w.generation == self.generation)
+            && !self.in_slot(slot).any(|w| w.live() && w.current(self.generation))
     }
 
     fn in_slot(&self, slot: usize) -> impl Iterator<Item = &Worker> {
@@ -664,10 +697,8 @@ impl Pool {
         let old: Vec<Pid> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.live() && w.generation != self.generation)
-            .filter(|(_, w)| {
-                self.in_slot(w.slot).any(|n| n.generation == self.generation && n.up())
-            })
+            .filter(|(_, w)| w.live() && !w.current(self.generation))
+            .filter(|(_, w)| self.in_slot(w.slot).any(|n| n.current(self.generation) && n.up()))
             .map(|(p, _)| *p)
             .collect();
         for pid in old {
@@ -688,7 +719,7 @@ impl Pool {
             {
                 continue;
             }
-            let has_old = self.in_slot(slot).any(|w| w.generation != self.generation);
+            let has_old = self.in_slot(slot).any(|w| !w.current(self.generation));
             if slot != 0 && self.blocked(slot) {
                 continue;
             }
@@ -711,8 +742,8 @@ impl Pool {
         let mut ws = self.in_slot(slot);
         let new_starting = self
             .in_slot(slot)
-            .any(|w| w.generation == self.generation && matches!(w.life, Life::Starting { .. }));
-        new_starting && ws.any(|w| w.live() && w.generation != self.generation)
+            .any(|w| w.current(self.generation) && matches!(w.life, Life::Starting { .. }));
+        new_starting && ws.any(|w| w.live() && !w.current(self.generation))
     }
 
     /// Slot 0 may get a new worker only when no process is left in it (nor in its old process

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{Master, Stage};
 use crate::config::{self, Config};
@@ -27,6 +27,79 @@ pub(super) struct Reload {
     /// Listeners a reload removed, kept while the old workers may still serve on them and a
     /// rollback may need them back; closed when the reload is done or undone.
     retired_listeners: Vec<Listener>,
+    /// Reloads asked for so far (HUP or `presup reload`): the last one's number.
+    pub(super) seq: u64,
+    /// The last reload and how it ended, for `presup status`.
+    pub(super) last: Option<LastReload>,
+    /// Reloads by how they ended: done, undone, rejected.
+    pub(super) counts: [u64; 3],
+}
+
+/// How a reload ended, or that it is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    InProgress,
+    Done,
+    Undone,
+    Rejected,
+}
+
+impl Outcome {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Outcome::InProgress => "in_progress",
+            Outcome::Done => "done",
+            Outcome::Undone => "undone",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// The last reload, for `presup status`.
+#[derive(Debug, Clone)]
+pub(super) struct LastReload {
+    pub id: u64,
+    /// The generation it started (none if rejected before).
+    pub generation: Option<u64>,
+    pub outcome: Outcome,
+    pub why: Option<String>,
+    pub errors: Vec<String>,
+    pub at: std::time::SystemTime,
+}
+
+impl Reload {
+    /// A reload is asked for: its number.
+    fn begin(&mut self) -> u64 {
+        self.seq += 1;
+        self.last = Some(LastReload {
+            id: self.seq,
+            generation: None,
+            outcome: Outcome::InProgress,
+            why: None,
+            errors: Vec::new(),
+            at: std::time::SystemTime::now(),
+        });
+        self.seq
+    }
+
+    /// The last reload ended (`generation`: the one it had started, for a done or undone).
+    fn ended(&mut self, outcome: Outcome, why: Option<String>, errors: Vec<String>) {
+        let index = match outcome {
+            Outcome::Done => 0,
+            Outcome::Undone => 1,
+            Outcome::Rejected => 2,
+            Outcome::InProgress => return,
+        };
+        self.counts[index] += 1;
+        if let Some(last) = &mut self.last {
+            if last.outcome == Outcome::InProgress {
+                last.outcome = outcome;
+                last.why = why;
+                last.errors = errors;
+                last.at = std::time::SystemTime::now();
+            }
+        }
+    }
 }
 
 impl Reload {
@@ -43,10 +116,12 @@ impl Reload {
 
 impl Master {
     /// HUP: re-read the config; keep everything as it is if it is invalid.
-    pub(super) fn reload(&mut self, now: Instant) {
+    /// Returns the reload's number (for `presup reload --wait`), `None` while stopping.
+    pub(super) fn reload(&mut self, now: Instant) -> Option<u64> {
         if self.stage.stopping() {
-            return;
+            return None;
         }
+        let id = self.reload.begin();
         // systemd hears of reloads once it heard READY=1 (before, that READY=1 ends them too).
         if self.stage == Stage::Running && !self.reload.notified {
             self.reload.notified = true;
@@ -66,16 +141,24 @@ impl Master {
                     generation = self.pool.generation(),
                     "HUP: the new config is invalid; keeping the running one"
                 );
-                self.reload_rejected(format!("{} error(s) in the new config", errors.errors.len()));
-                return;
+                let list = errors.errors.iter().map(ToString::to_string).collect();
+                let why = format!("{} error(s) in the new config", errors.errors.len());
+                self.reload_rejected(why, list);
+                return Some(id);
             }
         };
         self.tickets.check_reload(&new.tickets);
         self.tickets.add_servers(&mut new);
+        if new.control != self.config.control {
+            warn!("the new config changes `control`: the control socket stays where it is until presup is restarted");
+        }
+        if let Some(control) = &self.control {
+            crate::control::add_metrics_server(&mut new, control.path());
+        }
         if let Err(e) = self.rebind(&new) {
             error!("reload rejected: {e}; keeping the running config");
-            self.reload_rejected(e.to_string());
-            return;
+            self.reload_rejected(e.to_string(), vec![e.to_string()]);
+            return Some(id);
         }
         // The new config's on_reload hooks run before its workers replace the old ones.
         let on_reload = new.hooks.on_reload.clone();
@@ -85,9 +168,11 @@ impl Master {
         } else {
             self.apply_reload(new);
         }
+        Some(id)
     }
     /// A HUP whose config was refused: nothing changed; a reload still rolling out goes on.
-    fn reload_rejected(&mut self, why: String) {
+    fn reload_rejected(&mut self, why: String, errors: Vec<String>) {
+        self.reload.ended(Outcome::Rejected, Some(why.clone()), errors);
         self.reload.failure = Some(format!("reload rejected: {why}"));
         if !self.pool.reloading() && self.reload.pending.is_none() {
             self.reload_settled();
@@ -107,6 +192,10 @@ impl Master {
         let old = std::mem::replace(&mut self.config, new);
         // A reload superseding another keeps the last config that was fully rolled out.
         self.reload.rollback.get_or_insert(old);
+        let generation = self.pool.generation();
+        if let Some(last) = self.reload.last.as_mut().filter(|l| l.outcome == Outcome::InProgress) {
+            last.generation = Some(generation);
+        }
         info!(generation = self.pool.generation(), workers = self.pool.target(), "HUP: reloading");
     }
     /// Makes the listeners match `new`: an unchanged address keeps its socket (a retired one
@@ -159,6 +248,7 @@ impl Master {
         self.reload.rollback = None;
         self.reload.retired_listeners.clear();
         self.reload.failure = None;
+        self.reload.ended(Outcome::Done, None, vec![]);
         info!(
             generation,
             workers = self.pool.target(),
@@ -171,6 +261,7 @@ impl Master {
     /// the config, the listeners and the singletons follow.
     pub(super) fn rolled_back(&mut self, failed: u64, to: u64, why: String, now: Instant) {
         error!(generation = failed, "{why}; generation {to} keeps serving");
+        self.reload.ended(Outcome::Undone, Some(why.clone()), vec![]);
         self.reload.failure = Some(why);
         if let Some(old) = self.reload.rollback.take() {
             if let Err(e) = self.rebind(&old) {

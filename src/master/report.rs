@@ -62,6 +62,32 @@ impl Master {
         self.config.workers.preload && self.stems.ready(self.pool.generation()).is_none()
     }
 
+    /// What the workers said with `STATUS=`, for the summary: `; slot 0: "text"` (the lowest
+    /// slot that said something), `(+N more)` when other slots said other things; each text cut
+    /// at 60 characters, so the line stays a line.
+    fn workers_say(&self) -> String {
+        let mut said: Vec<(usize, &str)> = self
+            .pool
+            .workers()
+            .filter_map(|(pid, w)| {
+                let text = self.statuses.get(&pid)?.latest.as_str();
+                (!text.is_empty()).then_some((w.slot, text))
+            })
+            .collect();
+        said.sort();
+        let Some(&(slot, text)) = said.first() else { return String::new() };
+        let cut: String = text.chars().take(60).collect();
+        let cut = if cut.len() < text.len() { format!("{cut}...") } else { cut };
+        let others = said.iter().filter(|(_, t)| *t != text).count();
+        if others == 0 && said.len() > 1 {
+            format!("; workers: \"{cut}\"")
+        } else if others == 0 {
+            format!("; slot {slot}: \"{cut}\"")
+        } else {
+            format!("; slot {slot}: \"{cut}\" (+{others} more)")
+        }
+    }
+
     pub(super) fn status_line(&self) -> String {
         let (target, generation) = (self.pool.target(), self.pool.generation());
         let singletons = self.singletons.configured_count();
@@ -88,10 +114,13 @@ impl Master {
             Stage::Running if self.pool.reloading() || self.reload.waiting() => {
                 format!("reloading: {counts}")
             }
-            Stage::Running => match self.reload.failure() {
-                Some(why) => format!("{counts}; {why}"),
-                None => counts,
-            },
+            Stage::Running => {
+                let said = self.workers_say();
+                match self.reload.failure() {
+                    Some(why) => format!("{counts}; {why}{said}"),
+                    None => format!("{counts}{said}"),
+                }
+            }
             _ => match &self.failure {
                 Some(e) => format!("stopping: {e}"),
                 None => "stopping".to_owned(),

@@ -95,7 +95,7 @@ pub struct Entry {
     pub spec: config::Singleton,
     pub life: Life,
     backoff: Backoff,
-    started: Option<Instant>,
+    pub started: Option<Instant>,
     /// A reload changed its definition: this one replaces `spec` once the process is gone.
     next: Option<config::Singleton>,
     /// A reload removed it: it stops, and is never started again (unless a reload brings it
@@ -275,6 +275,32 @@ impl Singletons {
                 Life::Stopping { .. } | Life::Finished => {}
             }
         }
+    }
+
+    /// Stops singleton `index` and starts it again (`presup restart NAME`); one not running
+    /// (waiting for its backoff, or finished) starts now. False while the master stops.
+    pub fn restart(&mut self, index: usize, now: Instant) -> bool {
+        if self.stage == Stage::Stopping || index >= self.entries.len() {
+            return false;
+        }
+        let e = &mut self.entries[index];
+        if e.removed {
+            return false;
+        }
+        match e.life {
+            Life::Waiting { .. } | Life::Finished => {
+                e.backoff = Backoff::default();
+                e.life = Life::Waiting { not_before: now };
+            }
+            Life::Stopping { .. } => {
+                e.next.get_or_insert_with(|| e.spec.clone());
+            }
+            Life::Starting { .. } | Life::Up { .. } => {
+                e.next.get_or_insert_with(|| e.spec.clone());
+                self.stop_one(index, now);
+            }
+        }
+        true
     }
 
     /// Sends one singleton its stop signal, SIGKILL at the end of its grace.

@@ -17,6 +17,7 @@ use super::report::round_ms;
 use super::singletons::Singletons;
 use super::{InProcess, Master, MasterError, Options, Stage};
 use crate::config::Config;
+use crate::control::{self, Control};
 use crate::environment::Environment;
 use crate::listener::{self, BindError, Listener};
 use crate::notify::NotifySocket;
@@ -49,6 +50,7 @@ struct Acquired {
     listeners: Vec<Listener>,
     notify: NotifySocket,
     tickets: Tickets,
+    control: Control,
 }
 
 fn start(mut config: Config, mut options: Options) -> Result<Master, MasterError> {
@@ -79,8 +81,21 @@ fn start(mut config: Config, mut options: Options) -> Result<Master, MasterError
     let tickets = Tickets::create(&config.tickets, notify.dir(), owner)
         .map_err(MasterError::setup("tickets"))?;
     tickets.add_servers(&mut config);
-    let acquired =
-        Acquired { watcher, systemd, signals, credentials, pidfile, listeners, notify, tickets };
+    // The control socket; with [metrics], its server reads it (a singleton, started first).
+    let path = config.control.clone().unwrap_or_else(|| notify.dir().join(control::DEFAULT_NAME));
+    let control = Control::bind(&path).map_err(MasterError::setup("control socket"))?;
+    control::add_metrics_server(&mut config, control.path());
+    let acquired = Acquired {
+        watcher,
+        systemd,
+        signals,
+        credentials,
+        pidfile,
+        listeners,
+        notify,
+        tickets,
+        control,
+    };
     Ok(assemble(config, options, acquired))
 }
 
@@ -140,6 +155,8 @@ fn assemble(config: Config, options: Options, a: Acquired) -> Master {
         stems: super::Stems::new(&config.workers),
         stem_channels: BTreeMap::new(),
         unclaimed: Vec::new(),
+        control: Some(a.control),
+        ledger: super::control_runs::Ledger::new(),
         singletons: Singletons::new(&config.singleton, now),
         runs: vec![on_starting],
         stage: Stage::OnStarting,
@@ -150,6 +167,7 @@ fn assemble(config: Config, options: Options, a: Acquired) -> Master {
             own,
             credentials: a.credentials,
             cgroup_procs: a.watcher.cgroup().map(Cgroup::procs_fd),
+            cgroup_dir: a.watcher.cgroup().map(Cgroup::dir_fd),
         },
         statuses: BTreeMap::new(),
         rejected_notifications: LogLimit::new(log_limit::REJECTED_EVERY),

@@ -147,6 +147,36 @@ impl Tickets {
         }
     }
 
+    /// Each ticket's state for `presup status` (README, "Control"): the next free instant of
+    /// each bucket (seconds from now), the grants so far, the daily budget left.
+    pub fn status_json(&self) -> Vec<serde_json::Value> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let s = e.ticket.status();
+                let buckets: Vec<serde_json::Value> = s
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &at)| {
+                        let secs = at.saturating_sub(s.now) as f64 / 1e9;
+                        serde_json::json!({ "bucket": b, "next_free_in_seconds": secs })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": e.name,
+                    "interval_seconds": e.spec.interval.as_secs_f64(),
+                    "buckets": buckets,
+                    "grants": s.reservations,
+                    "takeovers": s.takeovers,
+                    "wait_seconds_total": null,
+                    "daily_limit": e.spec.daily_limit,
+                    "daily_left": s.daily.as_ref().map(|d| d.left),
+                })
+            })
+            .collect()
+    }
+
     /// Logs each ticket's budget left and the next free instant of each bucket.
     pub fn log_status(&self) {
         for e in &self.entries {

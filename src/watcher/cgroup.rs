@@ -24,6 +24,9 @@ pub struct Cgroup {
     dir: PathBuf,
     /// Its `cgroup.procs`, open for writing: a child writes `0` to it to join.
     procs: OwnedFd,
+    /// The directory itself, for `clone3(CLONE_INTO_CGROUP)`: a child made in it never has
+    /// to move (see `crate::spawn`).
+    dir_fd: OwnedFd,
 }
 
 impl Cgroup {
@@ -62,7 +65,8 @@ impl Cgroup {
             .write(true)
             .open(dir.join("cgroup.procs"))
             .map_err(|e| format!("{}/cgroup.procs: {e}", dir.display()))?;
-        Ok(Cgroup { dir, procs: procs.into() })
+        let dir_fd = std::fs::File::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Cgroup { dir, procs: procs.into(), dir_fd: dir_fd.into() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -72,6 +76,11 @@ impl Cgroup {
     /// The fd a child writes `0` to, between fork and exec, to join the cgroup.
     pub fn procs_fd(&self) -> RawFd {
         self.procs.as_raw_fd()
+    }
+
+    /// The cgroup's directory, open (close-on-exec).
+    pub fn dir_fd(&self) -> RawFd {
+        self.dir_fd.as_raw_fd()
     }
 
     pub(super) fn paths(&self) -> CgroupPaths {

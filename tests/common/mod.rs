@@ -271,9 +271,11 @@ impl Dir {
 }
 
 /// The `bin` directory of the tests' Python virtual environment, made on first use with the
-/// packages of `tests/requirements.txt` (Flask, gunicorn): the tests rely on nothing installed
-/// by hand. Tests run in parallel processes, so the first one makes it under a file lock and
-/// the others wait; a stamp holding the requirements says whether it is complete and current.
+/// packages of `tests/requirements.txt` (Flask, gunicorn...) and the project's own Python
+/// package (`pip install ./python`): the tests rely on nothing installed by hand. Tests run in
+/// parallel processes, so the first one makes it under a file lock and the others wait; a stamp
+/// holding the requirements and the package's files says whether it is complete and current
+/// (editing `python/presup/*.py` reinstalls the package).
 pub fn venv_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(make_venv).clone()
@@ -281,7 +283,9 @@ pub fn venv_bin() -> PathBuf {
 
 fn make_venv() -> PathBuf {
     let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/requirements.txt");
-    let wanted = std::fs::read_to_string(&requirements).unwrap();
+    let package = PythonPackage::read();
+    let mut wanted = std::fs::read_to_string(&requirements).unwrap();
+    wanted.push_str(&package.stamp());
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv");
     let stamp = venv.join("presup-requirements.txt");
     let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
@@ -300,10 +304,64 @@ fn make_venv() -> PathBuf {
         };
         run(Path::new("python3"), &["-m", "venv", &venv.display().to_string()]);
         let req = requirements.display().to_string();
-        run(&venv.join("bin/python3"), &["-m", "pip", "install", "--quiet", "-r", &req]);
+        let pip = |args: &[&str]| {
+            run(&venv.join("bin/python3"), &[&["-m", "pip", "install", "--quiet"], args].concat())
+        };
+        pip(&["-r", &req]);
+        // From a copy: pip builds in the source tree, which the tests leave untouched.
+        let source = package.copy_to(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("presup-python"));
+        pip(&["--force-reinstall", "--no-deps", &source.display().to_string()]);
         std::fs::write(&stamp, &wanted).unwrap();
     }
     venv.join("bin")
+}
+
+/// The files of the project's Python package (`python/`) that pip installs, with their text.
+struct PythonPackage {
+    files: Vec<(PathBuf, String)>,
+}
+
+impl PythonPackage {
+    /// `pyproject.toml`, `README.md` (the package's description) and `presup/*.py`.
+    fn read() -> PythonPackage {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+        let mut paths = vec![PathBuf::from("pyproject.toml"), PathBuf::from("README.md")];
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("presup"))
+            .unwrap()
+            .map(|e| PathBuf::from("presup").join(e.unwrap().file_name()))
+            .filter(|p| p.extension().is_some_and(|x| x == "py"))
+            .collect();
+        sources.sort();
+        paths.extend(sources);
+        let files = paths
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(root.join(&p)).unwrap();
+                (p, text)
+            })
+            .collect();
+        PythonPackage { files }
+    }
+
+    /// The part of the venv's stamp that says which package it holds: every file's text.
+    fn stamp(&self) -> String {
+        let mut out = String::new();
+        for (path, text) in &self.files {
+            out.push_str(&format!("\n# python/{}\n{text}", path.display()));
+        }
+        out
+    }
+
+    /// Writes the package's files under `dir` (emptied first); returns `dir`.
+    fn copy_to(&self, dir: &Path) -> PathBuf {
+        let _ = std::fs::remove_dir_all(dir);
+        for (path, text) in &self.files {
+            let to = dir.join(path);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::write(to, text).unwrap();
+        }
+        dir.to_path_buf()
+    }
 }
 
 /// `PATH` with the tests' virtual environment first: what children of the tests run with.

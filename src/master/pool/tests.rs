@@ -485,3 +485,60 @@ fn a_stopped_worker_gives_its_group_the_rest_of_its_grace_and_stop_waits_for_it(
     sim.pool.group_gone(pid);
     assert!(sim.pool.is_done());
 }
+
+#[test]
+fn a_restarted_slot_gets_its_new_worker_up_before_the_old_one_stops() {
+    let mut sim = Sim::booted(3);
+    let old = sim.pid_in(2, 1);
+    assert!(sim.pool.restart_slot(2));
+    assert!(!sim.pool.restart_slot(3), "no slot 3");
+    let (actions, spawned) = sim.step(2000);
+    assert_eq!(spawned.len(), 1);
+    let (slot, new) = spawned[0];
+    assert_eq!(slot, 2);
+    assert!(signals(&actions).is_empty(), "the old one serves until the new one is up");
+    assert_eq!(sim.live_in_slot(2), 2);
+    let (actions, spawned) = sim.step(3000);
+    assert!(spawned.is_empty());
+    assert_eq!(signals(&actions), vec![(old, Signal::SIGTERM, StopCause::Retired)]);
+    assert_eq!(sim.pool.slot_up(2), Some(new));
+    // The other slots were not touched.
+    assert_eq!(sim.live_in_slot(0) + sim.live_in_slot(1), 2);
+}
+
+#[test]
+fn a_restarted_primary_stops_before_its_replacement_starts() {
+    let mut sim = Sim::booted(2);
+    let old = sim.pid_in(0, 1);
+    assert!(sim.pool.restart_slot(0));
+    let (actions, spawned) = sim.step(2000);
+    assert!(spawned.is_empty(), "never two primaries");
+    assert_eq!(signals(&actions), vec![(old, Signal::SIGTERM, StopCause::Retired)]);
+    sim.pool.exited(old, ExitStatus::Signal(Signal::SIGTERM), sim.at(2100));
+    let (_, spawned) = sim.step(2100);
+    assert_eq!(spawned.len(), 1);
+    assert_eq!(spawned[0].0, 0);
+}
+
+#[test]
+fn a_slot_asked_of_a_stem_is_not_asked_again_until_answered() {
+    let mut sim = Sim::new(2, policy());
+    sim.pool.hold_spawns(true);
+    assert!(sim.pool.step(sim.at(0)).is_empty(), "held: the stem is not ready");
+    assert_eq!(sim.pool.next_deadline(), None, "nothing to wake up for while held");
+    sim.pool.hold_spawns(false);
+    let actions = sim.pool.step(sim.at(1));
+    let slots: Vec<usize> =
+        actions.iter().filter_map(|a| matches!(a, Action::Spawn { .. }).then_some(0)).collect();
+    assert_eq!(slots.len(), 2);
+    sim.pool.requested(0, 1);
+    sim.pool.requested(1, 1);
+    assert!(sim.pool.step(sim.at(2)).is_empty(), "each slot asked once");
+    sim.pool.stop(false, sim.at(3));
+    assert!(!sim.pool.is_done(), "a worker may still come");
+    sim.pool.request_lost(0);
+    sim.pool.spawned(1, 1, Pid::from_raw(7), sim.at(4));
+    sim.pool.step(sim.at(4));
+    sim.pool.exited(Pid::from_raw(7), ExitStatus::Signal(Signal::SIGTERM), sim.at(5));
+    assert!(sim.pool.is_done());
+}
