@@ -746,8 +746,12 @@ fn interactions_stem_imports_the_bot_once_and_forks_4_waitress_workers() {
         post_json(port, "/interactions", ping),
         (200, r#"{"data":{"content":"pong"},"type":4}"#.to_owned() + "\n")
     );
-    // Registered once, by the hook, before the stem imported the bot.
+    // Registered once, by the hook, which ended before the stem was started.
     assert_eq!(registrations(&discord), (1, 0));
+    let log = presup.log.lines();
+    let hook_done = log.iter().position(|l| l.contains("hook exited with code 0"));
+    let stem_started = log.iter().position(|l| l.contains("stem spawned"));
+    assert!(hook_done.is_some() && hook_done < stem_started, "{}", presup.log.text());
 
     // A worker SIGKILLed is forked again from the same stem: the bot is not imported again.
     kill(workers[1], Signal::SIGKILL);

@@ -48,8 +48,9 @@ def main():
     worker = presup.stem(bind="127.0.0.1:8006")
     presup_child.record_pid()  # the worker
     presup_child.event("worker", "start")
-    # waitress has no stop signal of its own: SystemExit ends its loop, and it then lets its
-    # threads finish the requests they are running (waiting at most 5 s) before it returns.
+    # waitress has no stop signal of its own: SystemExit ends its loop (nothing more is
+    # accepted), then it lets its threads finish the requests they run (waiting at most 5 s)
+    # and returns.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"worker slot {worker.slot} pid {os.getpid()} generation {worker.generation}",
           flush=True)

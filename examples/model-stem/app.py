@@ -14,7 +14,7 @@ work in numpy, single-threaded (OPENBLAS_NUM_THREADS=1 in supervisor.toml), so a
 core serves as much as threads would, and the stem never has a thread to refuse.
 
     python3 app.py                  # under presup: the stem; alone: one worker on 127.0.0.1:8008
-    GET /predict?i=7                -> "item 7: nearest 15335 (score 98.3), slot 1 pid 4243 ..."
+    GET /predict?i=7                -> "item 7: nearest 21644 (score 138.4), slot 1 pid 4243 ..."
     GET /                           -> "slot 1 pid 4243 generation 1 model pid 4200 ..."
 """
 
