@@ -115,7 +115,7 @@ fn serve(state: &State, table: &[u64], ctx: &Context, term: &AtomicBool) -> Resu
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         // `/exit`: the worker function returns (presup's `_exit` ends the process).
-        match answer(state, table, ctx, conn) {
+        match answer(state, table, ctx, conn, term) {
             Ok(Some(Ending::Exit)) => return Ok(()),
             Ok(Some(Ending::Fail)) => return Err("asked to fail".to_owned()),
             Ok(Some(Ending::Panic)) => panic!("asked to panic"),
@@ -143,6 +143,7 @@ fn answer(
     table: &[u64],
     ctx: &Context,
     conn: TcpStream,
+    term: &AtomicBool,
 ) -> std::io::Result<Option<Ending>> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request = String::new();
@@ -167,6 +168,13 @@ fn answer(
     } else if let Some(ms) = path.strip_prefix("/sleep/") {
         std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
         ("200 OK", format!("pid {pid} slept {ms} ms\n"))
+    } else if path == "/until-term" {
+        // Answered only once TERM came (within 30 s): a request that is in hand when it does.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !term.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ("200 OK", format!("pid {pid} answered after TERM\n"))
     } else if path == "/exit" {
         ("200 OK", format!("pid {pid} exits\n"))
     } else if path == "/fail" {

@@ -18,7 +18,8 @@
 //! [`pidfile`] holds the pidfile lock; [`directory`] makes files without following symlinks; [`notify`] is the children's `NOTIFY_SOCKET`; [`systemd`] is the master's side of
 //! systemd (notifications, socket activation); [`environment`] builds what a child is given;
 //! [`master`] is the loop, with the pure decisions in [`master::pool`] and [`backoff`];
-//! [`watcher`] kills what a master killed with `kill -9` leaves behind; [`worker`] is what a
+//! [`watcher`] kills what a master killed with `kill -9` leaves behind; [`metrics`] serves
+//! Prometheus' `/metrics` from the master's control socket; [`worker`] is what a
 //! preloaded program hands the master and what its forked workers are given; [`exit`] is the
 //! table of exit codes; [`cli`] runs the
 //! master from the command line, [`client`] is `presup status` and the other commands of the
@@ -26,8 +27,8 @@
 //!
 //! Layers, each importing only from those before it: [`config`], [`directory`], [`systemd`],
 //! [`signals`], [`spawn`], [`notify`], [`environment`], [`logs`], [`backoff`]; then
-//! [`listener`], [`pidfile`], [`ticket`], [`watcher`], [`worker`]; then [`master`]; then
-//! [`cli`] and [`client`]; then [`prefork`] and the `presup` binary.
+//! [`listener`], [`pidfile`], [`ticket`], [`watcher`], [`worker`], [`metrics`]; then [`master`];
+//! then [`cli`] and [`client`]; then [`prefork`] and the `presup` binary.
 
 pub mod backoff;
 pub mod cli;
@@ -41,6 +42,7 @@ pub mod listener;
 pub mod lockfile;
 pub mod logs;
 pub mod master;
+pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 pub mod prefork;

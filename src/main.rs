@@ -33,6 +33,9 @@ enum Command {
     /// The HTTP server of a ticket, run by the master (gateway-queue's protocol).
     #[command(hide = true)]
     TicketServer(presup::ticket::cli::ServerArgs),
+    /// Prometheus' /metrics of the master on a control socket, run by the master.
+    #[command(hide = true)]
+    MetricsServer(presup::metrics::ServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Some(Command::Ticket(t)) => t.run(),
         Some(Command::Control(c)) => presup::client::run(&cli.args.config, c),
         Some(Command::TicketServer(s)) => s.run(&cli.args.log_level, cli.args.log_format),
+        Some(Command::MetricsServer(m)) => m.run(&cli.args.log_level, cli.args.log_format),
         None => cli::run(&cli.args, None),
     }
 }

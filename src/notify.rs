@@ -43,6 +43,15 @@ pub enum Message {
     Status(String),
 }
 
+/// A child's side: sends `message` (`READY=1`, say) to the `NOTIFY_SOCKET` it was given, if
+/// any, without waiting; a socket that cannot take it is ignored.
+pub fn tell(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    if let Ok(s) = UnixDatagram::unbound() {
+        let _ = s.send_to(message.as_bytes(), path);
+    }
+}
+
 /// Parses one datagram: newline-separated `KEY=VALUE` assignments, unknown ones ignored.
 pub fn parse(datagram: &[u8]) -> Vec<Message> {
     let text = String::from_utf8_lossy(datagram);

@@ -53,10 +53,11 @@ use clap::FromArgMatches;
 use crate::cli;
 pub use crate::worker::{program_name, Context, InProcess, Notifier, WorkerExit, WorkerFn};
 
-/// When the master runs this program as the HTTP server of a ticket (`PROGRAM ticket-server
-/// NAME --listen ADDR`, a singleton it adds for each `[tickets.NAME]` with `http`), serves it
-/// and returns its exit code. [`main`] calls it first; a program that parses its own command
-/// line must call it before parsing:
+/// When the master runs this program as one of its own servers, serves it and returns its exit
+/// code: the HTTP server of a ticket (`PROGRAM ticket-server NAME --listen ADDR`, a singleton it
+/// adds for each `[tickets.NAME]` with `http`) or the metrics server (`PROGRAM metrics-server
+/// --listen ADDR --control PATH`, with `[metrics]`). [`main`] calls it first; a program that
+/// parses its own command line must call it before parsing:
 ///
 /// ```no_run
 /// fn main() -> std::process::ExitCode {
@@ -69,24 +70,38 @@ pub use crate::worker::{program_name, Context, InProcess, Notifier, WorkerExit, 
 /// ```
 pub fn ticket_server_if_asked() -> Option<ExitCode> {
     #[derive(clap::Parser)]
-    struct Server {
+    struct TicketServer {
         #[command(flatten)]
         args: cli::Args,
         #[command(flatten)]
         server: crate::ticket::cli::ServerArgs,
     }
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv.get(1).map_or(true, |a| a != "ticket-server") {
-        return None;
+    #[derive(clap::Parser)]
+    struct MetricsServer {
+        #[command(flatten)]
+        args: cli::Args,
+        #[command(flatten)]
+        server: crate::metrics::ServerArgs,
     }
-    argv.remove(1);
-    Some(match <Server as clap::Parser>::try_parse_from(argv) {
-        Ok(s) => s.server.run(&s.args.log_level, s.args.log_format),
-        Err(e) => {
-            let _ = e.print();
-            crate::exit::Exit::Usage.into()
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let which = argv.get(1).and_then(|a| a.to_str()).map(str::to_owned);
+    let parsed = match which.as_deref() {
+        Some("ticket-server") => {
+            argv.remove(1);
+            <TicketServer as clap::Parser>::try_parse_from(argv)
+                .map(|s| s.server.run(&s.args.log_level, s.args.log_format))
         }
-    })
+        Some("metrics-server") => {
+            argv.remove(1);
+            <MetricsServer as clap::Parser>::try_parse_from(argv)
+                .map(|s| s.server.run(&s.args.log_level, s.args.log_format))
+        }
+        _ => return None,
+    };
+    Some(parsed.unwrap_or_else(|e| {
+        let _ = e.print();
+        crate::exit::Exit::Usage.into()
+    }))
 }
 
 /// Runs the master with presup's own command line: `preload` once, then workers forked into

@@ -393,6 +393,7 @@ fn consecutive_http_grants_of_a_bucket_are_an_interval_apart_at_the_client() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut received = Vec::new();
+    let first_sent = Instant::now();
     for shard in [0, 2, 4, 6] {
         s.write_all(format!("GET /?shard={shard} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
         let mut answer = Vec::new();
@@ -408,20 +409,20 @@ fn consecutive_http_grants_of_a_bucket_are_an_interval_apart_at_the_client() {
     let interval = Duration::from_secs(1);
     let gaps: Vec<Duration> = received.windows(2).map(|w| w[1] - w[0]).collect();
     eprintln!("answers apart: {gaps:?}");
+    // The instants the test sees are late by its own scheduling, never early: the last answer
+    // is at least three intervals after the first request was sent, whatever the load. Each gap
+    // may look shorter than it was by how late the test saw the answer before it, so each is
+    // checked within a scheduling tolerance (the grants themselves are interval + margin apart).
+    let total = *received.last().unwrap() - first_sent;
+    assert!(total >= 3 * interval, "four answers within {total:?}");
+    let tolerance = Duration::from_millis(100);
     for w in received.windows(2) {
-        assert!(w[1] - w[0] >= interval, "answers {:?} apart", w[1] - w[0]);
+        assert!(w[1] - w[0] + tolerance >= interval, "answers {:?} apart", w[1] - w[0]);
     }
-    // A shard acts a little after its answer, by an amount that varies (its event loop, the
-    // way to Discord): here 20 ms late, on time, 20 ms late, on time. Within the margin, what
-    // the gateway sees is still an interval apart (without it, 980 ms).
-    let acted: Vec<Instant> = received
-        .iter()
-        .enumerate()
-        .map(|(i, &at)| at + Duration::from_millis(if i % 2 == 0 { 20 } else { 0 }))
-        .collect();
-    for w in acted.windows(2) {
-        assert!(w[1] - w[0] >= interval, "acted {:?} apart", w[1] - w[0]);
-    }
+    // The margin (50 ms here) is what keeps a shard that acts a little after its answer (its
+    // event loop, the way to Discord) an interval apart at the gateway: grants are interval +
+    // margin apart. Measured at the client, the gaps say so only on a quiet machine, so that
+    // part is checked exactly by the reservation's unit tests, not here.
 }
 
 /// `presup ticket-server t` run by the test itself on the loopback (as the master runs it),

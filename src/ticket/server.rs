@@ -79,7 +79,7 @@ pub fn run(name: &str, addr: SocketAddr, request_timeout: Duration) -> Result<()
     let table = Table::new(capacity, table::PER_ADDRESS);
     let max_connections = table.capacity();
     info!(ticket = %name, address = %bound, max_connections, "ticket server listening");
-    notify_ready(&format!("READY=1\nSTATUS=ticket {name} on http://{bound}/"));
+    crate::notify::tell(&format!("READY=1\nSTATUS=ticket {name} on http://{bound}/"));
     let buckets = ticket.params().buckets as usize;
     let server = Arc::new(Server {
         name: name.to_owned(),
@@ -199,14 +199,6 @@ impl Acceptor {
             n => warn!("{what} ({n} more such since the last warning)"),
         }
         self.warned = Some(now);
-    }
-}
-
-/// Tells the master we are up, if it listens (`NOTIFY_SOCKET`).
-fn notify_ready(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
-        let _ = s.send_to(message.as_bytes(), path);
     }
 }
 
