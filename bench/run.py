@@ -269,6 +269,11 @@ def run_wrk(port, seconds, connections):
         ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True,
     ).stdout
+    return wrk_figures(out)
+
+
+def wrk_figures(out):
+    """What wrk printed (at its end, or on SIGINT): requests, requests/s and the errors."""
     total = re.search(r"(\d+) requests in", out)
     if not total:
         raise RuntimeError(f"wrk printed no figures:\n{out}")

@@ -10,6 +10,10 @@ An example imports it from its parent folder:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import presup_child
+
+Importing it also puts the repository's Python client (`import presup`, python/ beside
+examples/) on the path, for the stem examples (`[workers] preload = true`); elsewhere, install
+that package or copy it beside the example.
 """
 
 import os
@@ -18,6 +22,10 @@ import signal
 import socket
 import sys
 import time
+
+_CLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+if os.path.isdir(_CLIENT) and _CLIENT not in sys.path:
+    sys.path.insert(1, _CLIENT)  # after the examples' folder, before the installed packages
 
 
 def inherited_listener(hint="run it under presup"):

@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -37,9 +37,14 @@ fn copy_example(dir: &Dir, name: &str) {
 
 /// Replaces `from` by `to` in the test's copy of the config; `from` must be there.
 fn edit_config(dir: &Dir, from: &str, to: &str) {
-    let toml = dir.read("supervisor.toml");
-    assert!(toml.contains(from), "{from:?} is not in the example's supervisor.toml");
-    dir.write("supervisor.toml", &toml.replace(from, to));
+    edit_file(&dir.join("supervisor.toml"), from, to);
+}
+
+/// Replaces `from` by `to` in the test's copy of a file; `from` must be there.
+fn edit_file(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} is not in {}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
 }
 
 /// Starts presup on the test's copy, its Python children reporting to the test's files.
@@ -568,4 +573,372 @@ fn gunicorn_serves_from_presup_workers_reloads_and_leaves_nothing() {
     assert_eq!(presup.wait_exit(), Some(0));
     let log = presup.log.text();
     assert!(!log.contains("File exists"), "gunicorn's control sockets collided:\n{log}");
+}
+
+// ----- the stem examples: `preload = true`, the app imported once, by the stem (issue 15) -----
+
+/// Lays out `examples/<name>` for each of `names` in the test's dir as they are in the
+/// repository (an example may run another's files by path, `../scheduler/scheduler.py`), with
+/// what they share: `examples/presup_child.py`, and the Python client `python/presup/`, which
+/// presup_child puts on the path. Returns the first example's directory.
+fn lay_out_examples(dir: &Dir, names: &[&str]) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in names {
+        copy_dir(&root.join("examples").join(name), &dir.join(&format!("examples/{name}")));
+    }
+    let shared = "examples/presup_child.py";
+    std::fs::copy(root.join(shared), dir.join(shared)).unwrap();
+    copy_dir(&root.join("python/presup"), &dir.join("python/presup"));
+    dir.join(&format!("examples/{}", names[0]))
+}
+
+/// Copies the directory `from` to `to` with its subdirectories, leaving out what running an
+/// example leaves behind (`run/`, `__pycache__/`, `presup.pid`).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (name, kind) = (entry.file_name(), entry.file_type().unwrap());
+        if kind.is_dir() && name != "run" && name != "__pycache__" {
+            copy_dir(&entry.path(), &to.join(&name));
+        } else if kind.is_file() && name != "presup.pid" {
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Starts presup on the laid-out `example`'s config, its Python children reporting to the
+/// test's files.
+fn start_example(dir: &Dir, example: &Path) -> Presup {
+    let pids = dir.join("pids").display().to_string();
+    let events = dir.join("events").display().to_string();
+    let env = [("EXAMPLE_PIDS", pids.as_str()), ("EXAMPLE_EVENTS", events.as_str())];
+    Presup::start_config(dir, &example.join("supervisor.toml"), &env)
+}
+
+/// The pids of the events `(role, event)`, in order.
+fn event_pids(dir: &Dir, role: &str, event: &str) -> Vec<i32> {
+    events(dir).into_iter().filter(|e| e.0 == role && e.1 == event).map(|e| e.2).collect()
+}
+
+/// Waits until `n` workers (`worker start` events) are alive; returns them.
+fn wait_live_workers(dir: &Dir, n: usize) -> Vec<i32> {
+    wait_until(&format!("{n} live workers"), DEADLINE, || {
+        let live: Vec<i32> =
+            event_pids(dir, "worker", "start").into_iter().filter(|&p| alive(p)).collect();
+        (live.len() == n).then_some(live)
+    })
+}
+
+/// The one stem that `event` (`import`, `model`) says was started; fails on two.
+fn the_stem(dir: &Dir, event: &str) -> i32 {
+    match event_pids(dir, "stem", event)[..] {
+        [stem] => stem,
+        ref stems => panic!("stems: {stems:?} (one expected): {:?}", events(dir)),
+    }
+}
+
+/// Checks that `worker` was forked as the stem protocol says: a child of the master (the
+/// stem's middle process is gone), in a process group of its own, and not the stem itself.
+fn assert_forked(presup: &Presup, stem: i32, worker: i32) {
+    assert_ne!(worker, stem, "the stem itself serves");
+    assert_eq!(common::ppid(worker), Some(presup.pid()), "worker {worker}: not the master's child");
+    let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(worker))).unwrap();
+    assert_eq!(pgid.as_raw(), worker, "worker {worker} is not in a process group of its own");
+}
+
+/// The pid an answer names (`... pid 4242 ...`).
+fn answer_pid(body: &str) -> i32 {
+    let pid = body.split_whitespace().skip_while(|w| *w != "pid").nth(1);
+    pid.and_then(|p| p.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {body:?}"))
+}
+
+/// GETs `path` from each of `workers` in turn, the others frozen (SIGSTOP) meanwhile, so that
+/// only the one left can accept the connection; checks that it answers 200, naming its pid.
+/// Threaded and async servers (waitress, uvicorn) take any connection that comes while their
+/// process runs, so holding a connection in each, as [`wait_all_answer`] does, would not say
+/// who answers next. Returns the answers, in the order of `workers`.
+fn each_answers(port: u16, workers: &[i32], path: &str) -> Vec<String> {
+    let mut answers = Vec::new();
+    for &worker in workers {
+        let others: Vec<i32> = workers.iter().copied().filter(|&p| p != worker).collect();
+        others.iter().for_each(|&p| kill(p, Signal::SIGSTOP));
+        for &p in &others {
+            wait_until("a worker to stop", DEADLINE, || {
+                (common::state(p) == Some('T')).then_some(())
+            });
+        }
+        let answer = http(port, "GET", path);
+        others.iter().for_each(|&p| kill(p, Signal::SIGCONT));
+        let (status, body) = answer.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(answer_pid(&body), worker, "{body:?} is not worker {worker}'s");
+        answers.push(body);
+    }
+    answers
+}
+
+/// The value of the word after `key` in an answer (`slot 2 pid ...` gives `2` for `slot`).
+fn answer_word<'a>(body: &'a str, key: &str) -> &'a str {
+    let word = body.split_whitespace().skip_while(|w| *w != key).nth(1);
+    word.unwrap_or_else(|| panic!("no {key} in {body:?}"))
+}
+
+/// Sends a JSON POST to 127.0.0.1:`port`; its status and body.
+fn post_json(port: u16, path: &str, json: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        json.len()
+    );
+    s.write_all(format!("{head}{json}").as_bytes()).unwrap();
+    read_response(s).unwrap()
+}
+
+/// Runs the laid-out `example`'s `app.py` without presup (`presup.stem(bind=...)` then binds
+/// the address itself), its `bind` address moved to a free port; GETs `path` from it once it
+/// listens, checks the answer names its own pid, and kills it. Returns the answer.
+fn run_alone(dir: &Dir, example: &Path, bind: &str, path: &str, env: &[(&str, &str)]) -> String {
+    let port = common::free_port();
+    edit_file(&example.join("app.py"), bind, &format!("127.0.0.1:{port}"));
+    let mut python = common::python3();
+    python.arg("app.py").current_dir(example).env("EXAMPLE_PIDS", dir.join("pids"));
+    for var in ["PRESUP_STEM_FD", "PRESUP_WORKER_ID", "LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET"] {
+        python.env_remove(var);
+    }
+    python.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
+    let mut app = KillOnDrop(python.spawn().expect("spawn python3"));
+    let (status, body) = wait_until("app.py alone to answer", DEADLINE, || {
+        if let Some(status) = app.try_wait().unwrap() {
+            panic!("app.py exited: {status}");
+        }
+        http(port, "GET", path).ok()
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(answer_pid(&body), app.id() as i32, "{body}");
+    body
+}
+
+#[test]
+fn interactions_stem_imports_the_bot_once_and_forks_4_waitress_workers() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["interactions-stem", "interactions"]);
+    let discord = Helper::start(&dir, "examples/interactions/discord_standin.py");
+    let api = format!("127.0.0.1:{}", discord.port);
+    let config = example.join("supervisor.toml");
+    edit_file(&config, "127.0.0.1:8006", "127.0.0.1:0");
+    edit_file(&config, "127.0.0.1:8081", &api);
+    let mut presup = start_example(&dir, &example);
+    let port = presup.port("http");
+    let workers = wait_live_workers(&dir, 4);
+    let stem = the_stem(&dir, "import");
+    assert_eq!(common::ppid(stem), Some(presup.pid()));
+    workers.iter().for_each(|&w| assert_forked(&presup, stem, w));
+    // Each of the 4 answers, each in its own slot, and the bot's commands work.
+    let answers = each_answers(port, &workers, "/");
+    let slots: BTreeSet<&str> = answers.iter().map(|a| answer_word(a, "slot")).collect();
+    assert_eq!(slots, BTreeSet::from(["0", "1", "2", "3"]), "{answers:?}");
+    assert!(answers.iter().all(|a| answer_word(a, "generation") == "1"), "{answers:?}");
+    let ping = r#"{"type": 2, "data": {"name": "ping"}}"#;
+    assert_eq!(
+        post_json(port, "/interactions", ping),
+        (200, r#"{"data":{"content":"pong"},"type":4}"#.to_owned() + "\n")
+    );
+    // Registered once, by the hook, which ended before the stem was started.
+    assert_eq!(registrations(&discord), (1, 0));
+    let log = presup.log.lines();
+    let hook_done = log.iter().position(|l| l.contains("hook exited with code 0"));
+    let stem_started = log.iter().position(|l| l.contains("stem spawned"));
+    assert!(hook_done.is_some() && hook_done < stem_started, "{}", presup.log.text());
+
+    // A worker SIGKILLed is forked again from the same stem: the bot is not imported again.
+    kill(workers[1], Signal::SIGKILL);
+    wait_dead(workers[1]);
+    let now = wait_live_workers(&dir, 4);
+    assert!(!now.contains(&workers[1]));
+    now.iter().for_each(|&w| assert_forked(&presup, stem, w));
+    each_answers(port, &now, "/");
+    assert_eq!(event_pids(&dir, "stem", "import"), [stem], "the bot was imported again");
+
+    // A reload starts a new stem, which imports the bot (new code) and forks generation 2;
+    // the old stem and its workers go; nothing is registered.
+    presup.signal(Signal::SIGHUP);
+    presup.log.wait_for("reload done");
+    let stems = event_pids(&dir, "stem", "import");
+    assert_eq!(stems.len(), 2, "one new stem: {stems:?}");
+    wait_dead(stem);
+    now.iter().for_each(|&w| wait_dead(w));
+    let second = wait_live_workers(&dir, 4);
+    second.iter().for_each(|&w| assert_forked(&presup, stems[1], w));
+    let answers = each_answers(port, &second, "/");
+    assert!(answers.iter().all(|a| answer_word(a, "generation") == "2"), "{answers:?}");
+    assert_eq!(registrations(&discord), (1, 0), "nothing registered on HUP");
+
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+    assert!(second.iter().chain(&stems).all(|&p| !alive(p)));
+}
+
+#[test]
+fn interactions_stem_runs_alone_as_one_waitress_worker() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["interactions-stem", "interactions"]);
+    let body = run_alone(&dir, &example, "127.0.0.1:8006", "/", &[]);
+    assert!(body.starts_with("slot ? pid "), "{body}");
+}
+
+/// `(slot, primary)` of each answer of the FastAPI example.
+fn slots_and_primaries(answers: &[String]) -> BTreeSet<(String, String)> {
+    let pair =
+        |a: &String| (answer_word(a, "slot").to_owned(), answer_word(a, "primary").to_owned());
+    answers.iter().map(pair).collect()
+}
+
+#[test]
+fn fastapi_stem_forks_uvicorn_workers_beside_one_scheduler() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["fastapi-stem", "scheduler"]);
+    let sink = Helper::start(&dir, "examples/scheduler/sink.py");
+    let config = example.join("supervisor.toml");
+    edit_file(&config, "127.0.0.1:8007", "127.0.0.1:0");
+    edit_file(&config, "127.0.0.1:8025", &format!("127.0.0.1:{}", sink.port));
+    edit_file(&config, "TICK = \"1.0\"", &format!("TICK = \"{TICK}\""));
+    let mut presup = start_example(&dir, &example);
+    let port = presup.port("http");
+    let workers = wait_live_workers(&dir, 4);
+    let stem = the_stem(&dir, "import");
+    workers.iter().for_each(|&w| assert_forked(&presup, stem, w));
+    let answers = each_answers(port, &workers, "/");
+    let expected: BTreeSet<(String, String)> =
+        [("0", "1"), ("1", "0"), ("2", "0"), ("3", "0")].map(|(s, p)| (s.into(), p.into())).into();
+    assert_eq!(slots_and_primaries(&answers), expected, "{answers:?}");
+    // The app's lifespan ran in each worker (on its own event loop), not in the stem.
+    let lifespans: BTreeSet<i32> = event_pids(&dir, "worker", "lifespan").into_iter().collect();
+    assert_eq!(lifespans, workers.iter().copied().collect());
+
+    // One scheduler for 4 workers: every email from the singleton, one per tick.
+    let scheduler = field::<i32>(&presup.log.wait_for("singleton spawned"), "pid");
+    assert!(scheduler != stem && !workers.contains(&scheduler));
+    let before = wait_emails(&sink, "3 emails", |e| e.len() >= 3);
+    assert!(before.iter().all(|m| m.pid == scheduler), "{before:?}");
+
+    // A worker SIGKILLed is forked again from the stem; the scheduler goes on untouched.
+    kill(workers[2], Signal::SIGKILL);
+    wait_dead(workers[2]);
+    let now = wait_live_workers(&dir, 4);
+    now.iter().for_each(|&w| assert_forked(&presup, stem, w));
+    assert_eq!(slots_and_primaries(&each_answers(port, &now, "/")), expected);
+    assert_eq!(event_pids(&dir, "stem", "import"), [stem], "the app was imported again");
+    let n = before.len();
+    let all = wait_emails(&sink, "3 more emails", |e| e.len() >= n + 3);
+    assert!(all.iter().all(|m| m.pid == scheduler && m.repeats == 0), "{all:?}");
+    let ticks: Vec<i64> = all.iter().map(|m| m.tick).collect();
+    assert_eq!(ticks, (ticks[0]..ticks[0] + ticks.len() as i64).collect::<Vec<i64>>());
+    assert_eq!(presup.log.count("singleton spawned"), 1);
+
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
+
+#[test]
+fn fastapi_stem_runs_alone_as_one_uvicorn_worker() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["fastapi-stem", "scheduler"]);
+    let body = run_alone(&dir, &example, "127.0.0.1:8007", "/", &[]);
+    assert!(
+        body.starts_with("slot 0 pid ") && body.ends_with("generation 1 primary 1\n"),
+        "{body}"
+    );
+}
+
+/// A field of `/proc/PID/smaps_rollup`, in kB.
+fn smaps_kb(pid: i32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{field}:")));
+    let value = line.and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok());
+    value.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/smaps_rollup:\n{text}"))
+}
+
+/// The model of examples/model-stem: `MODEL_MB` megabytes (the config's).
+const MODEL_KB: u64 = 200 * 1_000_000 / 1024;
+
+#[test]
+fn model_stem_loads_the_model_once_and_its_4_workers_share_it() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["model-stem"]);
+    let config = example.join("supervisor.toml");
+    edit_file(&config, "127.0.0.1:8008", "127.0.0.1:0");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(toml.contains("MODEL_MB = \"200\""), "the model's size is not MODEL_KB's: {toml}");
+    let mut presup = start_example(&dir, &example);
+    let port = presup.port("http");
+    let workers = wait_live_workers(&dir, 4);
+    let stem = the_stem(&dir, "model");
+    workers.iter().for_each(|&w| assert_forked(&presup, stem, w));
+    // Every worker reads the whole model for a prediction, and they all agree.
+    let answers = each_answers(port, &workers, "/predict?i=7");
+    let predictions: BTreeSet<&str> =
+        answers.iter().map(|a| a.split(", slot").next().unwrap()).collect();
+    assert_eq!(predictions.len(), 1, "{answers:?}");
+    assert!(answers[0].starts_with("item 7: nearest "), "{answers:?}");
+    // Each worker has the whole model in its memory (RSS), yet its own pages (private) are far
+    // fewer than the model's: the model's pages are the stem's, shared, not copied.
+    for &w in &workers {
+        let (rss, private) =
+            (smaps_kb(w, "Rss"), smaps_kb(w, "Private_Clean") + smaps_kb(w, "Private_Dirty"));
+        assert!(rss > MODEL_KB, "worker {w}: RSS {rss} kB, less than the model ({MODEL_KB} kB)");
+        assert!(
+            private < MODEL_KB / 4,
+            "worker {w}: {private} kB of its own (model {MODEL_KB} kB)"
+        );
+    }
+    let pss: u64 = workers.iter().chain([&stem]).map(|&p| smaps_kb(p, "Pss")).sum();
+    assert!(pss < 2 * MODEL_KB, "stem and 4 workers: {pss} kB of PSS for a {MODEL_KB} kB model");
+
+    // A worker SIGKILLed is forked again, with the model already there: not loaded again.
+    kill(workers[0], Signal::SIGKILL);
+    wait_dead(workers[0]);
+    let now = wait_live_workers(&dir, 4);
+    now.iter().for_each(|&w| assert_forked(&presup, stem, w));
+    let again = each_answers(port, &now, "/predict?i=7");
+    assert!(again.iter().all(|a| a.starts_with(predictions.first().unwrap())), "{again:?}");
+    assert_eq!(event_pids(&dir, "stem", "model"), [stem], "the model was loaded again");
+
+    presup.signal(Signal::SIGTERM);
+    assert_eq!(presup.wait_exit(), Some(0));
+}
+
+#[test]
+fn model_stem_refuses_to_fork_beside_openblas_threads() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["model-stem"]);
+    // This machine must have the CPUs for OpenBLAS to start a second thread (it caps its pool
+    // at the CPU count), or there is nothing to refuse.
+    let out = common::python3()
+        .args(["-c", "import numpy, os; print(len(os.listdir('/proc/self/task')))"])
+        .env("OPENBLAS_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2", "OpenBLAS started no thread");
+    let config = example.join("supervisor.toml");
+    edit_file(&config, "127.0.0.1:8008", "127.0.0.1:0");
+    edit_file(&config, "OPENBLAS_NUM_THREADS = \"1\"", "OPENBLAS_NUM_THREADS = \"2\"");
+    edit_file(&config, "OMP_NUM_THREADS = \"1\"", "OMP_NUM_THREADS = \"2\"");
+    edit_file(&config, "MODEL_MB = \"200\"", "MODEL_MB = \"8\"");
+    let mut presup = start_example(&dir, &example);
+    assert_eq!(presup.wait_exit(), Some(3), "{}", presup.log.text());
+    let log = presup.log.text();
+    assert!(log.contains("OPENBLAS_NUM_THREADS=1") && log.contains("thread"), "{log}");
+    assert_eq!(event_pids(&dir, "stem", "model").len(), 1, "the stem loaded its model");
+    assert!(event_pids(&dir, "worker", "start").is_empty(), "a worker was forked: {log}");
+}
+
+#[test]
+fn model_stem_runs_alone_as_one_worker() {
+    let dir = Dir::new();
+    let example = lay_out_examples(&dir, &["model-stem"]);
+    let body = run_alone(&dir, &example, "127.0.0.1:8008", "/predict?i=7", &[("MODEL_MB", "8")]);
+    assert!(body.starts_with("item 7: nearest ") && body.contains("slot 0 pid"), "{body}");
 }

@@ -24,15 +24,19 @@ COMMANDS = [
     {"name": "ping", "description": "Is the bot alive?", "type": 1},
     {"name": "whoami", "description": "Which worker answers", "type": 1},
 ]
-SLOT = os.environ.get("PRESUP_WORKER_ID", "?")
-GENERATION = os.environ.get("PRESUP_GENERATION", "?")
-
 app = Flask(__name__)
+
+
+def slot():
+    # Read when a request comes, not at import: a stem (../interactions-stem/) imports this
+    # module once, before any worker exists, and each worker it forks gets its own environment.
+    return os.environ.get("PRESUP_WORKER_ID", "?")
 
 
 @app.get("/")
 def health():
-    return f"slot {SLOT} pid {os.getpid()} generation {GENERATION}\n"
+    generation = os.environ.get("PRESUP_GENERATION", "?")
+    return f"slot {slot()} pid {os.getpid()} generation {generation}\n"
 
 
 @app.post("/interactions")
@@ -44,7 +48,7 @@ def interactions():
         return jsonify(type=1)  # PONG
     if interaction.get("type") == 2:  # APPLICATION_COMMAND
         name = interaction.get("data", {}).get("name")
-        text = "pong" if name == "ping" else f"slot {SLOT}, pid {os.getpid()}"
+        text = "pong" if name == "ping" else f"slot {slot()}, pid {os.getpid()}"
         return jsonify(type=4, data={"content": text})  # CHANNEL_MESSAGE_WITH_SOURCE
     return jsonify(error="unsupported interaction type"), 400
 

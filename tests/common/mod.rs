@@ -420,7 +420,13 @@ impl Presup {
     /// Starts the master on `<dir>/supervisor.toml` with its stderr given by the test (a pipe
     /// the test breaks, say): [`Presup::log`] then stays empty.
     pub fn start_with_stderr(dir: &Dir, stderr: Stdio) -> Presup {
-        Presup::launch_to(dir, bin(), &[], &[], &[], Some(stderr))
+        Presup::launch_to(dir, &dir.join("supervisor.toml"), bin(), &[], &[], &[], Some(stderr))
+    }
+
+    /// Starts the master on `config`, a config file elsewhere in `dir` (whose directory is then
+    /// the children's): for a test that lays out several directories, as the examples are.
+    pub fn start_config(dir: &Dir, config: &Path, env: &[(&str, &str)]) -> Presup {
+        Presup::launch_to(dir, config, bin(), &[], &[], env, None)
     }
 
     fn launch(
@@ -430,11 +436,12 @@ impl Presup {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Presup {
-        Presup::launch_to(dir, program, wrapper, args, env, None)
+        Presup::launch_to(dir, &dir.join("supervisor.toml"), program, wrapper, args, env, None)
     }
 
     fn launch_to(
         dir: &Dir,
+        config: &Path,
         program: &str,
         wrapper: &[&str],
         args: &[&str],
@@ -450,7 +457,7 @@ impl Presup {
             }
         };
         cmd.arg("-c")
-            .arg(dir.join("supervisor.toml"))
+            .arg(config)
             .arg("--log-level")
             .arg("debug")
             .args(args)
