@@ -13,6 +13,10 @@ A worker is forked twice so that its parent is the master (a child subreaper), n
       middle, answers     pid pipe, os._exit(0)       no longer the middle: the master;
       `forked`                                        PDEATHSIG, getppid() re-checked ...
 
+The middle of the next worker is forked ahead of time, once the last request is answered: it
+waits, every signal blocked, for its request on the `request` pipe (and exits at its EOF: the
+stem is gone). A request then costs one fork of the app, not two, as in gunicorn's arbiter.
+
 Both forks are `os.fork`, so the app's `os.register_at_fork` hooks run (and Python's own:
 `random` reseeds, `threading` and `logging` reset their locks). The stem blocks every signal
 around the fork, so that no handler of the app runs in the worker before its dispositions are
@@ -107,6 +111,8 @@ class _Stem:
         self.sock = sock
         self.master_pid = None
         self.libc = None
+        # The middle process of the next worker, forked ahead of time, waiting for a request.
+        self.spare = None
 
     def serve(self):
         """Checks, says ready, then serves requests until EOF; returns only in a worker."""
@@ -120,9 +126,15 @@ class _Stem:
             self.refuse("presup.stem(): cannot load the C library's prctl and clearenv: %s" % e)
         gc.freeze()
         self.answer({"type": "ready", "pid": os.getpid()})
+        # The first worker's middle, before the first request.
+        made = self.make_spare()
+        if not (isinstance(made, _Spare) or isinstance(made, str)):
+            return made  # the worker
+        self.spare = made if isinstance(made, _Spare) else None
         while True:
             message = self.receive()
             if message is None:
+                self.drop_spare()
                 sys.exit(0)  # the master closed its end: the stem's work is done
             if message["type"] != "fork":
                 _log("ignoring a message of unknown type %r from the master" % message["type"])
@@ -157,7 +169,15 @@ class _Stem:
     def broken(self, what):
         """The master sent something this client cannot trust: exit 1, saying what."""
         _log("the master sent %s: exiting" % what)
+        self.drop_spare()
         sys.exit(1)
+
+    def drop_spare(self):
+        """Ends the spare middle (the EOF of its request pipe) and reaps it."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.pipes.close(spare.pipes.req_w, spare.pipes.pid_r)
+            _reap(spare.middle)
 
     def send(self, message):
         body = {"v": VERSION}
@@ -170,6 +190,7 @@ class _Stem:
             self.send(message)
         except OSError as e:
             _log("cannot send %r to the master (%s): exiting" % (message["type"], e.strerror))
+            self.drop_spare()
             sys.exit(1)
 
     def receive(self):
@@ -201,27 +222,60 @@ class _Stem:
     def fork(self, request):
         """Forks the worker `request` asks for and answers the master. Returns the Worker in the
         worker, None in the stem."""
+        for attempt in (1, 2):
+            spare, self.spare = self.spare, None
+            if spare is None:
+                spare = self.make_spare()
+                if not isinstance(spare, _Spare):
+                    if isinstance(spare, str):
+                        self.answer(_fork_failed(request, spare))
+                        return None
+                    return spare  # the worker
+            try:
+                _write_all(spare.pipes.req_w, request.raw)
+            except OSError as e:
+                # The spare died (killed by someone): reaped, and once more with a new one.
+                spare.pipes.close(spare.pipes.req_w, spare.pipes.pid_r)
+                _reap(spare.middle)
+                if attempt == 2:
+                    self.answer(_fork_failed(request, "the middle process: " + _describe(e)))
+                    return None
+                continue
+            spare.pipes.close(spare.pipes.req_w)
+            self.answer(_outcome(request, spare.middle, spare.pipes))
+            break
+        # The next worker's middle, while no request waits.
+        made = self.make_spare()
+        if isinstance(made, _Spare) or made is None or isinstance(made, str):
+            self.spare = made if isinstance(made, _Spare) else None
+            return None
+        return made  # the worker
+
+    def make_spare(self):
+        """Forks the middle process of the next worker: in the stem, a _Spare (or why there is
+        none); in the worker the middle forks once its request came, the Worker."""
         try:
             pipes = _Pipes()
         except OSError as e:
-            self.answer(_fork_failed(request, "pipe: " + _describe(e)))
-            return None
+            return "pipe: " + _describe(e)
         _flush_stdio()  # or each worker would write the stem's buffered output again
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             middle = os.fork()
         except OSError as e:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            pipes.close(pipes.pid_r, pipes.pid_w, pipes.gone_r, pipes.gone_w)
-            self.answer(_fork_failed(request, "fork: " + _describe(e)))
-            return None
+            pipes.close(pipes.pid_r, pipes.pid_w, pipes.gone_r, pipes.gone_w, pipes.req_r, pipes.req_w)
+            return "fork: " + _describe(e)
         if middle == 0:
+            # Every signal stays blocked here: a TERM to the stem's group leaves it waiting
+            # for its request, whose EOF comes when the stem is gone.
+            pipes.close(pipes.req_w)
+            request = _await_request(pipes.req_r)
             middle = _middle(pipes)  # returns only in the worker
             return self.become_worker(request, middle, pipes)
-        pipes.close(pipes.gone_w, pipes.gone_r, pipes.pid_w)  # the middle holds the only gone_w
+        pipes.close(pipes.gone_w, pipes.gone_r, pipes.pid_w, pipes.req_r)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.answer(_outcome(request, middle, pipes))
-        return None
+        return _Spare(middle, pipes)
 
     def become_worker(self, request, middle, pipes):
         """The worker's steps, in the protocol's order, before the app runs; a step that fails
@@ -265,18 +319,28 @@ class _Stem:
             os._exit(1)
 
 
+class _Spare:
+    """A middle process forked ahead of time, and its pipes."""
+
+    def __init__(self, middle, pipes):
+        self.middle = middle
+        self.pipes = pipes
+
+
 class _Pipes:
-    """The two pipes of a fork: `pid` (middle -> stem: the worker's pid, or "!" and why there
-    is none) and `gone` (the middle holds its only write end: its EOF tells the worker that the
-    middle is gone)."""
+    """The three pipes of a fork: `request` (stem -> middle: the fork request, one line),
+    `pid` (middle -> stem: the worker's pid, or "!" and why there is none) and `gone` (the
+    middle holds its only write end: its EOF tells the worker that the middle is gone)."""
 
     def __init__(self):
-        self.pid_r, self.pid_w = os.pipe()
+        fds = []
         try:
-            self.gone_r, self.gone_w = os.pipe()
+            for _ in range(3):
+                fds.extend(os.pipe())
         except OSError:
-            self.close(self.pid_r, self.pid_w)
+            self.close(*fds)
             raise
+        self.pid_r, self.pid_w, self.gone_r, self.gone_w, self.req_r, self.req_w = fds
 
     @staticmethod
     def close(*fds):
@@ -308,6 +372,31 @@ def _middle(pipes):
         os.write(pipes.pid_w, b"%d\n" % worker)
     finally:
         os._exit(0)
+
+
+def _await_request(fd):
+    """In a spare middle: the request the stem writes to `fd`; at EOF (the stem is gone, or
+    never sends one), the middle exits."""
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            os._exit(0)
+        data += chunk
+    os.close(fd)
+    request = _ForkRequest.parse(json.loads(data.decode("utf-8")))
+    if isinstance(request, str):
+        os._exit(1)
+    return request
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _outcome(request, middle, pipes):
@@ -377,7 +466,10 @@ class _ForkRequest:
         pid_vars = message.get("pid_vars", [])
         if not isinstance(pid_vars, list) or not all(_is_variable(n, "") for n in pid_vars):
             return "a fork request whose pid_vars is not a list of names: %s" % _cut(message)
-        return cls(message["id"], message["slot"], message["generation"], env, pid_vars)
+        request = cls(message["id"], message["slot"], message["generation"], env, pid_vars)
+        # As the stem passes it on to a spare middle: one line (JSON escapes newlines).
+        request.raw = (json.dumps(message, separators=(",", ":")) + "\n").encode("utf-8")
+        return request
 
 
 def _is_variable(name, value):

@@ -26,6 +26,7 @@ for source in set(plan["fds"].values()):
 for target, fd in moved.items():
     os.dup2(fd, target)  # inheritable
     os.close(fd)
+os.setpgid(0, 0)  # a process group of its own, as every child of presup's master
 env = dict(os.environ)
 for name in plan["pid_vars"]:
     env[name] = str(os.getpid())

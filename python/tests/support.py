@@ -82,7 +82,12 @@ def wait_exit(pid, timeout=DEADLINE):
 
 
 def kill_and_reap(pid):
-    """SIGKILLs the child `pid` if it is still there and reaps it (a cleanup)."""
+    """SIGKILLs the child `pid` if it is still there, with its process group as the master
+    would (a stem's spare middle process is in it), and reaps them (a cleanup)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass  # not a group's leader
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -91,6 +96,12 @@ def kill_and_reap(pid):
         wait_exit(pid)
     except ChildProcessError:
         pass  # not ours (yet): the leftover check says so
+    # What of its group was reparented to this subreaper once it was gone.
+    while True:
+        try:
+            os.waitpid(-pid, 0)
+        except ChildProcessError:
+            break
 
 
 def children():
@@ -186,8 +197,19 @@ class ProcessTestCase(unittest.TestCase):
 
     def stop_process(self, proc):
         if proc.poll() is None:
+            # With its process group, as the master does: a stem's spare middle is in it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
             proc.kill()
             proc.wait(DEADLINE)
+        # What of its group was reparented to this subreaper once it was gone.
+        while True:
+            try:
+                os.waitpid(-proc.pid, 0)
+            except ChildProcessError:
+                break
         for pipe in (proc.stdout, proc.stdin):
             if pipe is not None:
                 pipe.close()
