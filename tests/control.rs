@@ -486,3 +486,89 @@ fn a_wait_gives_up_at_its_timeout_and_a_hung_master_is_an_error() {
     assert_eq!(s["master"]["workers_target"], 2, "{s:#}");
     assert_eq!(up_pids(&s).len(), 1, "{s:#}");
 }
+
+/// One raw request on the control socket at `path`: its answer line.
+fn raw_request(path: &Path, request: &[u8]) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(request).unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+    answer
+}
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn hostile_clients_never_delay_a_ttin_and_many_clients_leave_no_trace() {
+    use std::io::{Read, Write};
+    let dir = Dir::new();
+    let presup = start(&dir, &config("count = 1", "control = \"ctl.sock\""));
+    let master = presup.master_pid();
+    let path = dir.join("ctl.sock");
+    // Warm up (the allocator's first arenas, the first status), then the baseline.
+    for _ in 0..20 {
+        assert!(raw_request(&path, b"{\"v\":1,\"command\":\"status\"}\n").contains("\"ok\":true"));
+    }
+    let (fds, rss) = (fd_count(master), rss_kib(master));
+
+    // A client that sends nothing, one that sends half a JSON document, one that pours 1 MiB
+    // of garbage: none of them may hold up what the master does meanwhile.
+    let mut silent = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let mut half = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    half.write_all(b"{\"v\":1,\"command\":\"sta").unwrap();
+    let p = path.clone();
+    let garbage = std::thread::spawn(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let chunk = vec![b'#'; 64 * 1024];
+        for _ in 0..16 {
+            if s.write_all(&chunk).is_err() {
+                break; // refused and closed once over the limit
+            }
+        }
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    });
+    presup.signal(Signal::SIGTTIN);
+    let second = presup.worker_pid(1, 1);
+    assert!(alive(second));
+    // The TTIN was served while the silent client still waits for its 5 s timeout.
+    silent.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    let pending =
+        matches!(silent.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    assert!(pending, "the silent client was already answered: the TTIN waited for it");
+    assert!(garbage.join().unwrap().contains("over 65536 bytes"));
+    // The silent and half clients are cut at their deadline, with an error.
+    silent.set_nonblocking(false).unwrap();
+    silent.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut answer = String::new();
+    silent.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("timed out"), "{answer}");
+    let mut answer = String::new();
+    half.set_read_timeout(Some(DEADLINE)).unwrap();
+    half.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("timed out"), "{answer}");
+
+    // 200 clients one after the other: the master's fds and memory stay where they were.
+    for _ in 0..200 {
+        assert!(raw_request(&path, b"{\"v\":1,\"command\":\"status\"}\n").contains("\"ok\":true"));
+    }
+    wait_until("the master's fds back to where they were", DEADLINE, || {
+        (fd_count(master) == fds).then_some(())
+    });
+    let after = rss_kib(master);
+    assert!(after <= rss + 1024, "RSS grew from {rss} to {after} KiB over 200 clients");
+    drop(presup);
+}
