@@ -2,8 +2,9 @@
 
     python3 bench/gc_freeze.py [--entries 1300000] [--workers 4]
 
-A stem builds about 200 MB of Python container objects (bench/stem_app.py's shape: a tuple, an
-int and a str per entry), forks the workers as presup.stem() does, and each worker runs one full
+A stem builds Python objects (records: a dict holding a list, which the collector keeps
+tracking; or bench/stem_app.py's tuples of an int and a str, which it stops tracking once it has
+seen them), forks the workers as presup.stem() does, and each worker runs one full
 garbage collection, as any worker does sooner or later (the collector runs on its own once
 enough objects were allocated). Printed: the total PSS of the stem and its workers right after
 the fork and after the collections, with the objects frozen (presup's stem) and without
@@ -30,14 +31,23 @@ def pss_kib(pid):
     return 0
 
 
-def run(entries, workers, frozen):
+def build(shape, entries):
+    if shape == "tuples":
+        # bench/stem_app.py's: the collector untracks a tuple of atoms once it has seen it.
+        return [(i, f"item {i:09d}") for i in range(entries)]
+    # Records that stay tracked (a dict holding a list): what an app's own objects look like.
+    return [{"id": i, "tags": [i]} for i in range(entries)]
+
+
+def run(shape, entries, workers, frozen):
     """Forks `workers` children of a process holding `entries` entries; returns the total PSS
     in MiB right after the fork and after one full collection in each worker."""
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     stem = os.fork()
     if stem == 0:
-        data = [(i, f"item {i:09d}") for i in range(entries)]
+        data = build(shape, entries)
+        gc.collect()
         gc.freeze()  # as presup.stem() does before its first fork
         kids = []
         for _ in range(workers):
@@ -86,12 +96,13 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     args = ap.parse_args()
     print(f"python {sys.version.split()[0]}, {args.entries} entries, {args.workers} workers")
-    print("| objects | total PSS after the fork (MiB) | after one gc.collect() in each worker (MiB) |")
-    print("|---|---|---|")
-    for frozen in (True, False):
-        before, after = run(args.entries, args.workers, frozen)
-        label = "frozen (presup.stem())" if frozen else "not frozen"
-        print(f"| {label} | {before:.0f} | {after:.0f} |")
+    print("| objects | gc.freeze() | total PSS after the fork (MiB) | after one gc.collect() in each worker (MiB) |")
+    print("|---|---|---|---|")
+    for shape in ("records", "tuples"):
+        for frozen in (True, False):
+            before, after = run(shape, args.entries, args.workers, frozen)
+            label = "yes (presup.stem())" if frozen else "no"
+            print(f"| {shape} | {label} | {before:.0f} | {after:.0f} |")
 
 
 if __name__ == "__main__":
