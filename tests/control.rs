@@ -572,3 +572,36 @@ fn hostile_clients_never_delay_a_ttin_and_many_clients_leave_no_trace() {
     assert!(after <= rss + 1024, "RSS grew from {rss} to {after} KiB over 200 clients");
     drop(presup);
 }
+
+#[test]
+fn the_childrens_user_may_read_the_status_and_nothing_more() {
+    let Some(nobody) = root("the_childrens_user_may_read_the_status_and_nothing_more") else {
+        return;
+    };
+    let dir = Dir::new();
+    chmod(dir.path(), 0o755);
+    std::fs::create_dir(dir.join("ctl")).unwrap();
+    chmod(&dir.join("ctl"), 0o755);
+    let toml = "user = \"nobody\"\ncontrol = \"ctl/ctl.sock\"\n[workers]\ncommand = [\"sleep\", \"1000\"]\ncount = 1\nmin_uptime = \"100ms\"\n";
+    let presup = Presup::start(&dir, toml);
+    presup.log.wait_for("ready: all workers up");
+    let socket = dir.join("ctl/ctl.sock");
+    let path = socket.to_str().unwrap();
+    // The socket is the children's group's (0660): the children's user gets the status...
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let (code, out, err) = ctl_as(&dir, Some(&nobody), &["status", "--json", "--control", path]);
+    assert_eq!(code, 0, "{err}");
+    let s: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["master"]["pid"].as_i64(), Some(i64::from(presup.master_pid())));
+    // ... and may not steer the master.
+    for args in [&["stop", "--control", path][..], &["scale", "2", "--control", path]] {
+        let (code, _, err) = ctl_as(&dir, Some(&nobody), args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("may only ask for ping and status"), "{err}");
+    }
+    let s = status(&dir);
+    assert_eq!(s["master"]["stage"], "running", "{s:#}");
+    assert_eq!(s["master"]["workers_target"], 1);
+    drop(presup);
+}
