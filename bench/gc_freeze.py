@@ -22,13 +22,8 @@ import os
 import sys
 import time
 
-
-def pss_kib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from preload import pss_kib  # noqa: E402  (bench/preload.py)
 
 
 def build(shape, entries):

@@ -114,34 +114,18 @@ pub const METRICS_SINGLETON: &str = "presup-metrics";
 /// With `[metrics]`, the metrics server (this program's `metrics-server`, reading the control
 /// socket at `control`) becomes `config`'s first singleton, ready when it says `READY=1`.
 pub fn add_metrics_server(config: &mut crate::config::Config, control: &Path) {
-    use crate::config::{Backoff, Ready, Restart, Signal, Singleton};
     config.singleton.retain(|s| s.name != METRICS_SINGLETON);
     let Some(metrics) = &config.metrics else { return };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let server = Singleton {
-        name: METRICS_SINGLETON.to_owned(),
-        command: vec![
-            exe.display().to_string(),
-            "metrics-server".into(),
-            "--listen".into(),
-            metrics.http.to_string(),
-            "--control".into(),
-            control.display().to_string(),
-        ],
-        ready: Ready::Notify,
-        restart: Restart::Always,
-        env: Default::default(),
-        min_uptime: Duration::from_secs(1),
-        boot_timeout: Duration::from_secs(10),
-        stop_signal: Signal(nix::sys::signal::Signal::SIGTERM),
-        stop_timeout: Duration::from_secs(5),
-        forward_signals: Vec::new(),
-        restart_backoff: Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-            reset: Duration::from_secs(10),
-        },
-    };
+    let command = vec![
+        exe.display().to_string(),
+        "metrics-server".into(),
+        "--listen".into(),
+        metrics.http.to_string(),
+        "--control".into(),
+        control.display().to_string(),
+    ];
+    let server = crate::config::Singleton::presup_server(METRICS_SINGLETON.to_owned(), command);
     config.singleton.insert(0, server);
 }
 

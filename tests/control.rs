@@ -498,16 +498,6 @@ fn raw_request(path: &Path, request: &[u8]) -> String {
     answer
 }
 
-fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn hostile_clients_never_delay_a_ttin_and_many_clients_leave_no_trace() {
     use std::io::{Read, Write};
@@ -519,7 +509,7 @@ fn hostile_clients_never_delay_a_ttin_and_many_clients_leave_no_trace() {
     for _ in 0..20 {
         assert!(raw_request(&path, b"{\"v\":1,\"command\":\"status\"}\n").contains("\"ok\":true"));
     }
-    let (fds, rss) = (fd_count(master), rss_kib(master));
+    let (fds, rss) = (common::open_fds(master), common::rss_kib(master));
 
     // A client that sends nothing, one that sends half a JSON document, one that pours 1 MiB
     // of garbage: none of them may hold up what the master does meanwhile.
@@ -566,9 +556,9 @@ fn hostile_clients_never_delay_a_ttin_and_many_clients_leave_no_trace() {
         assert!(raw_request(&path, b"{\"v\":1,\"command\":\"status\"}\n").contains("\"ok\":true"));
     }
     wait_until("the master's fds back to where they were", DEADLINE, || {
-        (fd_count(master) == fds).then_some(())
+        (common::open_fds(master) == fds).then_some(())
     });
-    let after = rss_kib(master);
+    let after = common::rss_kib(master);
     assert!(after <= rss + 1024, "RSS grew from {rss} to {after} KiB over 200 clients");
     drop(presup);
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{alive, environ, kill_if_alive as kill, wait_until, Dir, Presup};
+use common::{alive, environ, kill_if_alive as kill, open_fds, rss_kib, wait_until, Dir, Presup};
 use nix::sys::signal::Signal;
 
 /// A worker serving HTTP on fd 3, up at `READY=1`; the one in slot 1 ignores TERM (it needs
@@ -125,16 +125,6 @@ fn children(master: i32) -> Vec<Child> {
 
 fn workers(master: i32) -> Vec<Child> {
     children(master).into_iter().filter(Child::is_worker).collect()
-}
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[test]

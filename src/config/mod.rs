@@ -55,6 +55,33 @@ pub struct Config {
     pub metrics: Option<Metrics>,
 }
 
+impl Singleton {
+    /// A server of presup's own run as a singleton (the ticket and metrics servers: this
+    /// program again, `command`): ready when it says `READY=1`, always restarted, TERM then
+    /// SIGKILL after 5 s, its log on the master's stderr.
+    pub fn presup_server(name: String, command: Vec<String>) -> Singleton {
+        Singleton {
+            name,
+            command,
+            // It says READY=1 once bound, so that its address may use port 0.
+            ready: Ready::Notify,
+            restart: Restart::Always,
+            env: BTreeMap::new(),
+            min_uptime: Duration::from_secs(1),
+            boot_timeout: Duration::from_secs(10),
+            stop_signal: Signal(nix::sys::signal::Signal::SIGTERM),
+            stop_timeout: Duration::from_secs(5),
+            // Its log goes to the master's stderr, reopened by no one.
+            forward_signals: Vec::new(),
+            restart_backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(30),
+                reset: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Metrics {

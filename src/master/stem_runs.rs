@@ -272,7 +272,14 @@ impl Master {
         messages: &[crate::notify::Message],
         now: Instant,
     ) -> bool {
-        self.early_notes.retain(|(_, _, at)| now.saturating_duration_since(*at) < UNCLAIMED_HOLD);
+        // Held long enough and still nobody's: rejected after all, and logged as such.
+        let (stale, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early_notes)
+            .into_iter()
+            .partition(|(_, _, at)| now.saturating_duration_since(*at) >= UNCLAIMED_HOLD);
+        self.early_notes = kept;
+        for (sender, said, _) in stale {
+            self.rejected_notification(sender, &said, now);
+        }
         if !self.stems.requests_pending() || self.early_notes.len() >= 1024 {
             return false;
         }

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::file::{self, Found};
 use super::{env_var, Params, Ticket, TicketError};
-use crate::config::{self, Backoff, Ready, Restart, Signal};
+use crate::config;
 
 /// The singleton name of ticket `name`'s HTTP server; `:` cannot appear in a configured
 /// singleton's name, so it never collides with one.
@@ -109,30 +109,15 @@ impl Tickets {
         let exe = self.exe.display().to_string();
         let entries = self.entries.iter().filter_map(|e| Some((e, e.spec.http?)));
         entries
-            .map(|(e, addr)| config::Singleton {
-                name: server_name(&e.name),
-                command: vec![
+            .map(|(e, addr)| {
+                let command = vec![
                     exe.clone(),
                     "ticket-server".into(),
                     e.name.clone(),
                     "--listen".into(),
                     addr.to_string(),
-                ],
-                // It says READY=1 once bound, so that `http` may use port 0.
-                ready: Ready::Notify,
-                restart: Restart::Always,
-                env: BTreeMap::new(),
-                min_uptime: Duration::from_secs(1),
-                boot_timeout: Duration::from_secs(10),
-                stop_signal: Signal(nix::sys::signal::Signal::SIGTERM),
-                stop_timeout: Duration::from_secs(5),
-                // Its log goes to the master's stderr, reopened by no one.
-                forward_signals: Vec::new(),
-                restart_backoff: Backoff {
-                    initial: Duration::from_millis(100),
-                    max: Duration::from_secs(30),
-                    reset: Duration::from_secs(10),
-                },
+                ];
+                config::Singleton::presup_server(server_name(&e.name), command)
             })
             .collect()
     }
