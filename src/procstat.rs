@@ -1,5 +1,6 @@
-//! `/proc/PID/stat`: the few fields presup reads of a process (its state, parent, process
-//! group and start time), parsed in one place.
+//! What presup reads of a process in `/proc`, parsed in one place: `/proc/PID/stat` (its state,
+//! parent, process group and start time) and `/proc/PID/smaps_rollup` (its RSS and PSS, for
+//! `presup status` and the metrics server; never read by the master).
 
 /// A process as `/proc/PID/stat` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,37 @@ impl Stat {
     /// A zombie or a dead process: it runs no more, whatever its pid still names.
     pub fn gone(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// A process's memory, from `/proc/PID/smaps_rollup`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident set size, bytes.
+    pub rss: u64,
+    /// Proportional set size, bytes: shared pages divided among their sharers.
+    pub pss: u64,
+}
+
+impl Memory {
+    /// `None` if `pid` is gone or not ours to read.
+    pub fn read(pid: i32) -> Option<Memory> {
+        Memory::parse(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
+    }
+
+    pub fn parse(text: &str) -> Option<Memory> {
+        Some(Memory { rss: kb_line(text, "Rss:")?, pss: kb_line(text, "Pss:")? })
+    }
+}
+
+/// The bytes of a `Key:   N kB` line of a `/proc` file.
+pub fn kb_line(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let mut words = line[key.len()..].split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => Some(n * 1024),
+        _ => None,
     }
 }
 

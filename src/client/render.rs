@@ -9,19 +9,8 @@ use serde_json::{Map, Value};
 /// The RSS and PSS of `pid` in bytes, from `/proc/PID/smaps_rollup`; `None` when it cannot be
 /// read (gone, another user's, no such file).
 pub fn memory(pid: i64) -> Option<(u64, u64)> {
-    parse_smaps_rollup(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
-}
-
-/// `Rss:` and `Pss:` of a `smaps_rollup` (kB), in bytes.
-pub fn parse_smaps_rollup(text: &str) -> Option<(u64, u64)> {
-    let field = |name: &str| {
-        text.lines().find_map(|l| {
-            let rest = l.strip_prefix(name)?.trim();
-            let kb = rest.strip_suffix("kB").unwrap_or(rest).trim();
-            kb.parse::<u64>().ok().map(|k| k * 1024)
-        })
-    };
-    Some((field("Rss:")?, field("Pss:")?))
+    let m = crate::procstat::Memory::read(i32::try_from(pid).ok()?)?;
+    Some((m.rss, m.pss))
 }
 
 /// Adds `rss_bytes` and `pss_bytes` (numbers, or null when unknown) to every worker,
@@ -484,8 +473,9 @@ mod tests {
         let text = "55d0c0a8e000-7ffd3b9fe000 ---p 00000000 00:00 0   [rollup]\n\
                     Rss:               42188 kB\nPss:               10361 kB\n\
                     Pss_Anon:           6004 kB\nShared_Clean:      31840 kB\n";
-        assert_eq!(parse_smaps_rollup(text), Some((42188 * 1024, 10361 * 1024)));
-        assert_eq!(parse_smaps_rollup("Rss: 1 kB\n"), None);
+        let m = crate::procstat::Memory::parse(text).unwrap();
+        assert_eq!((m.rss, m.pss), (42188 * 1024, 10361 * 1024));
+        assert_eq!(crate::procstat::Memory::parse("Rss: 1 kB\n"), None);
         // This process's own, for real.
         let (rss, pss) = memory(std::process::id() as i64).expect("own smaps_rollup");
         assert!(rss > 0 && pss > 0 && pss <= rss);

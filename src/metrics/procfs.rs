@@ -4,36 +4,8 @@
 
 use std::fs;
 
-/// A process's memory, from `/proc/PID/smaps_rollup`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Memory {
-    /// Resident set size, bytes.
-    pub rss: u64,
-    /// Proportional set size, bytes: shared pages divided among their sharers.
-    pub pss: u64,
-}
-
-impl Memory {
-    /// `None` if `pid` is gone or not ours to read.
-    pub fn read(pid: i32) -> Option<Memory> {
-        Memory::parse(&fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
-    }
-
-    pub fn parse(text: &str) -> Option<Memory> {
-        Some(Memory { rss: kb_line(text, "Rss:")?, pss: kb_line(text, "Pss:")? })
-    }
-}
-
-/// The bytes of a `Key:   N kB` line.
-fn kb_line(text: &str, key: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    let mut words = line[key.len()..].split_whitespace();
-    let n: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") => Some(n * 1024),
-        _ => None,
-    }
-}
+pub use crate::procstat::Memory;
+use crate::procstat::kb_line;
 
 /// The standard `process_*` figures of a process.
 #[derive(Debug, Clone, Copy, PartialEq)]
