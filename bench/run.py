@@ -603,7 +603,12 @@ def table(results, args):
         name = label.format(idle=args.idle, events=args.events) + (f" ({unit})" if unit else "")
         n = max(len(p), len(g))
         rows.append((f"{name}, n={n}" if n > 1 else name, summary(p, fmt), summary(g, fmt), ratio(p, g)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return markdown(rows)
+
+
+def markdown(rows):
+    """`rows` (the first is the header) as a Markdown table, its columns aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, r in enumerate(rows):
         lines.append("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(r)) + " |")

@@ -298,13 +298,7 @@ def table(results, servers, args):
         n = max(len(c) for c in cells)
         name = label.format(**vars(args)) + (f", n={n}" if n > 1 else "")
         rows.append((name, *(bench.summary(c, fmt) for c in cells)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(r)) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return bench.markdown(rows)
 
 
 def parse_args():
