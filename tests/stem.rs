@@ -199,6 +199,14 @@ fn the_app_is_imported_once_and_every_worker_is_a_child_of_the_master() {
     assert_eq!(ppid(fourth), Some(master));
     answers_from(port, 4);
     assert_eq!(imports(&dir), vec![(stem, "one".to_owned())], "imported once, by the stem");
+    // `presup status` shows the stem and the forks it served (3, two respawns, the TTIN).
+    let (code, out, err) = common::run(&["status", "--json", "-c", "supervisor.toml"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let stems = status["stems"].as_array().unwrap();
+    assert_eq!(stems.len(), 1, "{status:#}");
+    assert_eq!(stems[0]["pid"].as_i64(), Some(i64::from(stem)));
+    assert_eq!((stems[0]["state"].as_str(), stems[0]["forks"].as_u64()), (Some("ready"), Some(6)));
     let not: BTreeSet<i32> = [stem, watcher].into();
     wait_until("four live workers", DEADLINE, || {
         (workers_of(&p, &not) == [primary, again, first[2], fourth].into()).then_some(())

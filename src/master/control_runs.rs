@@ -244,8 +244,7 @@ impl Master {
         for r in &self.ledger.restarts {
             let finished = match &r.what {
                 Target::Slot(slot) => {
-                    let old_gone =
-                        r.old.is_none_or_gone(|p| self.pool.workers().any(|(q, _)| q == p));
+                    let old_gone = r.old.map_or(true, |p| self.pool.workers().all(|(q, _)| q != p));
                     old_gone && self.pool.slot_up(*slot).is_some_and(|p| Some(p) != r.old)
                 }
                 Target::Singleton(name) => self.singletons.entries().iter().any(|e| {
@@ -402,16 +401,5 @@ impl Master {
             "tickets": self.tickets.status_json(),
             "restarts_done": self.ledger.restarts_done,
         })
-    }
-}
-
-/// `Option<Pid>`: none, or one that `present` no longer finds.
-trait GoneCheck {
-    fn is_none_or_gone(&self, present: impl Fn(Pid) -> bool) -> bool;
-}
-
-impl GoneCheck for Option<Pid> {
-    fn is_none_or_gone(&self, present: impl Fn(Pid) -> bool) -> bool {
-        self.map_or(true, |p| !present(p))
     }
 }

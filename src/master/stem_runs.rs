@@ -245,11 +245,7 @@ impl Master {
         let master = nix::unistd::getpid().as_raw();
         let ours =
             Stat::read(pid.as_raw()).is_some_and(|s| s.ppid == master && s.pgrp == pid.as_raw());
-        // A pid the master already knows (a worker, a singleton, a hook, a stem) is not new.
-        let known = self.pool.workers().any(|(p, _)| p == pid)
-            || self.watcher.watches(pid)
-            || self.stems.contains(pid);
-        if !ours || known {
+        if !ours || self.known_child(pid) {
             let why = format!(
                 "the stem reported pid {pid}, which is not a new child of the master leading its own process group; refused"
             );
@@ -261,6 +257,14 @@ impl Master {
         info!(slot, pid = pid.as_raw(), generation, by = "stem", "worker spawned");
         self.pool.spawned(slot, generation, pid, now);
         self.replay_notifications(pid);
+    }
+
+    /// Whether `pid` is a child the master already accounts for: a worker, a stem, or a child
+    /// whose group the watcher was told of (a singleton, a hook).
+    fn known_child(&self, pid: Pid) -> bool {
+        self.pool.workers().any(|(p, _)| p == pid)
+            || self.watcher.watches(pid)
+            || self.stems.contains(pid)
     }
 
     /// A datagram from a process the master does not know yet, while fork answers are due:
@@ -304,9 +308,7 @@ impl Master {
     /// whose worker is then the master's).
     pub(super) fn kill_strays(&mut self) {
         for pid in super::children::of(std::process::id()) {
-            let known = self.pool.workers().any(|(p, _)| p == pid)
-                || self.watcher.watches(pid)
-                || self.stems.contains(pid)
+            let known = self.known_child(pid)
                 || Some(pid) == self.watcher.pid()
                 || super::children::is_zombie(pid);
             let leads = Stat::read(pid.as_raw()).is_some_and(|s| s.pgrp == pid.as_raw());

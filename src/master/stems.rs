@@ -228,25 +228,27 @@ impl Stems {
     /// The stem is broken (a malformed message, its end closed while it lives, a request it
     /// could not be sent): killed now, `why` told when it is reaped.
     pub fn broken(&mut self, pid: Pid, why: String) -> Option<Action> {
-        let stem = self.stems.get_mut(&pid)?;
-        if stem.life == (Life::Stopping { grace: Grace::Killed }) {
-            return None;
-        }
-        stem.why.get_or_insert(why.clone());
-        stem.life = Life::Stopping { grace: Grace::Killed };
-        Some(Action::Signal { pid, signal: Signal::SIGKILL, why })
+        self.kill(pid, Some(why))
     }
 
     /// The stem's socket is closed or failed while it lives: killed now, so that no request
     /// waits on it (its exit status still says why it ended).
     pub fn lost_channel(&mut self, pid: Pid) -> Option<Action> {
+        self.kill(pid, None)
+    }
+
+    /// SIGKILL to stem `pid`, once; `why`, if given, is told when it is reaped.
+    fn kill(&mut self, pid: Pid, why: Option<String>) -> Option<Action> {
         let stem = self.stems.get_mut(&pid)?;
         if stem.life == (Life::Stopping { grace: Grace::Killed }) {
             return None;
         }
         stem.life = Life::Stopping { grace: Grace::Killed };
-        let why = "its socket to the master is closed".to_owned();
-        Some(Action::Signal { pid, signal: Signal::SIGKILL, why })
+        let said = why.clone().unwrap_or_else(|| "its socket to the master is closed".to_owned());
+        if let Some(why) = why {
+            stem.why.get_or_insert(why);
+        }
+        Some(Action::Signal { pid, signal: Signal::SIGKILL, why: said })
     }
 
     /// A child was reaped: `None` if it was not a stem.

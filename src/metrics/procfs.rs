@@ -4,8 +4,8 @@
 
 use std::fs;
 
-pub use crate::procstat::Memory;
 use crate::procstat::kb_line;
+pub use crate::procstat::Memory;
 
 /// The standard `process_*` figures of a process.
 #[derive(Debug, Clone, Copy, PartialEq)]
