@@ -11,12 +11,14 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+use crate::listener::BindError;
 use serde_json::{json, Value};
 
 /// The protocol's version, in every request and answer.
@@ -181,24 +183,21 @@ impl Control {
     /// 0660 and the children's group, which may then read the status. A stale socket (nobody
     /// listening) there is replaced; anything else there is an error.
     pub fn bind(path: &Path, readers: Option<(u32, u32)>) -> io::Result<Control> {
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!("{} is the control socket of a running master", path.display()),
-                    ));
-                }
-                std::fs::remove_file(path)?;
+        // A stale socket file is replaced (never waiting on a live one's backlog); a live
+        // one, or a file that is not a socket, is refused.
+        let address = crate::config::Address::Unix(path.to_path_buf());
+        match crate::listener::clear_stale_socket(path, &address) {
+            Ok(()) => {}
+            Err(BindError::InUse { .. }) => {
+                let what = format!("{} is the control socket of a running master", path.display());
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, what));
             }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ))
+            Err(BindError::NotASocket { .. }) => {
+                let what = format!("{} exists and is not a socket", path.display());
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, what));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(BindError::Os { source, .. }) => return Err(source),
+            Err(other) => return Err(io::Error::other(other.to_string())),
         }
         // Made 0600 from the start: no instant when another user could connect.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));

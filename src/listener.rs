@@ -177,7 +177,7 @@ fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
 
 /// Removes a Unix socket file that nothing accepts on any more; refuses to touch a live
 /// socket or a file that is not a socket.
-fn clear_stale_socket(path: &Path, address: &Address) -> Result<(), BindError> {
+pub fn clear_stale_socket(path: &Path, address: &Address) -> Result<(), BindError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
